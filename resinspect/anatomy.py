@@ -1,0 +1,287 @@
+"""Residual anatomy: find the residual blocks of any model, and switch them.
+
+A *residual block* is a module whose forward adds its own input (or a single
+shortcut module applied to its input) to a branch computed from that input:
+``y = post(F(x) + S(x))`` with ``S`` the identity or a projection, ``post``
+whatever follows the addition (a ReLU, or nothing). Blocks are found by
+tracing each module's forward with :mod:`torch.fx`, treating its children as
+opaque, and looking for that addition — so the built-in CIFAR blocks,
+torchvision's ``BasicBlock``/``Bottleneck`` and a user's
+``return x + self.f(x)`` are all found the same way, with nothing to register.
+
+The switches :func:`bypass` (``y = post(S(x))``, the branch is not computed)
+and :func:`drop_skip` (``y = post(F(x))``) temporarily replace a block's
+``forward`` with a rewritten graph that calls the very same submodules, and
+restore the original on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import operator
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+__all__ = ["ResidualBlock", "residual_blocks", "bypass", "drop_skip", "NoResidualBlocks", "require_blocks"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_MISSING = object()
+
+
+class NoResidualBlocks(ValueError):
+    """Raised by analyses that need residual blocks when the model has none."""
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Trace only the root's own forward: every submodule call stays one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+class ResidualBlock:
+    """One residual block: ``y = post(branch(x) + shortcut(x))``.
+
+    Attributes:
+        name: qualified module name, e.g. ``"layer2.0"``.
+        module: the block module itself.
+        index: position among the model's blocks, in forward order (0-based).
+        stage: 1-based stage number (blocks that share a parent container).
+        stage_name: the parent container's name (``""`` for the root).
+        downsamples: whether the block reduces spatial resolution.
+        shortcut_kind: ``"identity"`` or ``"projection"``.
+        shortcut_module: name of the projection child, or None.
+    """
+
+    def __init__(self, name: str, module: nn.Module, graph: fx.Graph, add: fx.Node,
+                 branch_node: fx.Node, shortcut_node: fx.Node, shortcut_kind: str):
+        self.name = name
+        self.module = module
+        self.index = -1
+        self.stage = 0
+        self.stage_name = name.rpartition(".")[0]
+        self.shortcut_kind = shortcut_kind
+        self.shortcut_module = shortcut_node.target if shortcut_node.op == "call_module" else None
+        self._graph, self._add, self._branch, self._shortcut = graph, add, branch_node, shortcut_node
+        self._variants: dict[str, fx.GraphModule] = {}
+        self.downsamples = any(
+            (isinstance(m, nn.modules.conv._ConvNd) and max(m.stride) > 1)
+            or isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))
+            for m in module.modules())
+
+    def __repr__(self) -> str:
+        return (f"ResidualBlock({self.name!r}, stage={self.stage}, downsamples={self.downsamples}, "
+                f"shortcut={self.shortcut_kind})")
+
+    @property
+    def branch_modules(self) -> list[str]:
+        """Names of the child modules on the branch, in order (e.g. conv1, bn1, ...)."""
+        return [n.target for n in _ancestors(self._branch) if n.op == "call_module"]
+
+    def parameters_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def variant(self, mode: str) -> fx.GraphModule:
+        """The block's forward rewritten: ``bypass``, ``drop_skip``, ``branch`` (F(x)), ``shortcut`` (S(x))."""
+        if mode not in self._variants:
+            self._variants[mode] = _rewrite(self, mode)
+        return self._variants[mode]
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x): the branch's output just before the addition."""
+        return self.variant("branch")(x)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """S(x): what the skip path adds (x itself for an identity shortcut)."""
+        return self.variant("shortcut")(x)
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen[n] = None
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _is_add(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS))
+
+
+def _find_residual_add(module: nn.Module) -> tuple[fx.Graph, fx.Node, fx.Node, fx.Node, str] | None:
+    try:
+        graph = _ChildrenAsLeaves().trace(module)
+    except Exception:  # noqa: BLE001 - untraceable forward (data-dependent control flow): not a block we can switch
+        return None
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return None
+    x = inputs[0]
+    found = []
+    for node in graph.nodes:
+        if not _is_add(node) or len(node.args) < 2:
+            continue
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        kinds = [_shortcut_kind(module, n, x) for n in (a, b)]
+        if kinds == ["identity", "identity"]:
+            continue
+        if x in (a, b):
+            s = x
+        elif "identity" in kinds:
+            s = (a, b)[kinds.index("identity")]
+        elif kinds == ["projection", "projection"]:
+            # x-only modules on both sides: the lighter one is the shortcut
+            s = min((a, b), key=lambda n: sum(p.numel() for p in module.get_submodule(n.target).parameters()))
+        elif "projection" in kinds:
+            s = (a, b)[kinds.index("projection")]
+        else:
+            continue
+        f = b if s is a else a
+        if x not in _ancestors(f) or not any(n.op == "call_module" for n in _ancestors(f)):
+            continue
+        found.append((graph, node, f, s, _shortcut_kind(module, s, x)))
+    return found[0] if len(found) == 1 else None
+
+
+def _shortcut_kind(module: nn.Module, node: fx.Node, x: fx.Node) -> str | None:
+    if node is x:
+        return "identity"
+    if node.op == "call_module" and node.all_input_nodes == [x] and len(node.args) == 1:
+        child = module.get_submodule(node.target)
+        return "identity" if isinstance(child, nn.Identity) else "projection"
+    return None
+
+
+def _rewrite(block: ResidualBlock, mode: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(block._graph, remap)
+    add, f, s = remap[block._add], remap[block._branch], remap[block._shortcut]
+    if mode in ("branch", "shortcut"):
+        graph.output(f if mode == "branch" else s)
+    else:
+        graph.output(out)
+        if mode == "bypass":
+            replacement = s
+            if block.shortcut_kind == "identity":
+                # the skip alone would hand the caller's tensor to in-place ops after the
+                # addition (torchvision's ReLU(inplace=True)); give them a copy instead
+                with graph.inserting_after(add):
+                    replacement = graph.call_method("clone", (s,))
+        elif mode == "drop_skip":
+            replacement = f
+        else:
+            raise ValueError(f"unknown switch mode '{mode}'; valid: bypass, drop_skip, branch, shortcut")
+        add.replace_all_uses_with(replacement)
+        graph.erase_node(add)
+    gm = fx.GraphModule(block.module, graph, class_name=f"{type(block.module).__name__}_{mode}")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
+    """The residual blocks of ``model`` in forward (registration) order.
+
+    Blocks nested inside another block's branch are not listed separately.
+    A plain network gives an empty list.
+    """
+    blocks: list[ResidualBlock] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name and module is model and not list(module.children()):
+            continue
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if not list(module.children()):
+            continue
+        found = _find_residual_add(module)
+        if found is None:
+            continue
+        blocks.append(ResidualBlock(name, module, *found))
+        inside.append(name)
+    stages: dict[str, int] = {}
+    for i, b in enumerate(blocks):
+        b.index = i
+        b.stage = stages.setdefault(b.stage_name, len(stages) + 1)
+    return blocks
+
+
+def require_blocks(model: nn.Module, what: str = "this analysis") -> list[ResidualBlock]:
+    """Like :func:`residual_blocks` but raise :class:`NoResidualBlocks` with a clear message."""
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise NoResidualBlocks(
+            f"{what} needs residual blocks, and {type(model).__name__} has none "
+            "(a plain network, or a forward that never adds a module's input to a branch)")
+    return blocks
+
+
+def _resolve(model: nn.Module, blocks: Iterable[ResidualBlock | str] | ResidualBlock | str) -> list[ResidualBlock]:
+    if isinstance(blocks, (ResidualBlock, str)):
+        blocks = [blocks]
+    blocks = list(blocks)
+    if any(isinstance(b, str) for b in blocks):
+        known = {b.name: b for b in residual_blocks(model)}
+        resolved = []
+        for b in blocks:
+            if isinstance(b, str):
+                if b not in known:
+                    from .errors import UnknownNameError
+                    raise UnknownNameError("residual block", b, known)
+                b = known[b]
+            resolved.append(b)
+        blocks = resolved
+    return blocks
+
+
+@contextmanager
+def _switched(model: nn.Module, blocks, mode: str) -> Iterator[list[ResidualBlock]]:
+    resolved = _resolve(model, blocks)
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for b in resolved:
+            saved.append((b.module, b.module.__dict__.get("forward", _MISSING)))
+            b.module.forward = b.variant(mode).forward
+        yield resolved
+    finally:
+        for module, previous in reversed(saved):
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+
+
+def bypass(model: nn.Module, blocks: Sequence[ResidualBlock | str] | ResidualBlock | str):
+    """Context manager: each block outputs ``post(shortcut(x))``; its branch is not computed.
+
+    ``blocks`` are :class:`ResidualBlock` objects or qualified names. The model
+    is restored exactly on exit.
+    """
+    return _switched(model, blocks, "bypass")
+
+
+def drop_skip(model: nn.Module, blocks: Sequence[ResidualBlock | str] | ResidualBlock | str):
+    """Context manager: each block outputs ``post(branch(x))``, without its skip connection."""
+    return _switched(model, blocks, "drop_skip")
+
+
+def block_table(blocks: Sequence[ResidualBlock]) -> list[dict[str, object]]:
+    """JSON-able description of blocks, for results.json and reports."""
+    return [{"index": b.index, "name": b.name, "stage": b.stage, "downsamples": b.downsamples,
+             "shortcut": b.shortcut_kind, "parameters": b.parameters_count(),
+             "branch": b.branch_modules} for b in blocks]
+
+
+Switch = Callable[[nn.Module, Sequence[ResidualBlock | str]], object]

@@ -1,0 +1,128 @@
+"""One factory for every model name: ``build_model(name, in_channels, num_classes)``.
+
+Names: the CIFAR ResNets ``resnet20 … resnet110`` and their plain twins
+``plain20 … plain110``; ``seed34`` / ``plainseed34`` (the origin document's
+[3,4,6,3] network); ``torchvision:resnet18 … torchvision:resnet152``; and any
+user factory written ``package.module:function``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UnknownNameError
+from .resnet import ResNet
+
+__all__ = ["ModelSpec", "MODELS", "build_model", "twin_name", "model_names"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    factory: Callable[..., nn.Module]
+    twin: str | None = None
+
+
+def _cifar(n: int, residual: bool) -> Callable[..., nn.Module]:
+    def factory(in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+        return ResNet((n, n, n), (16, 32, 64), in_channels, num_classes, residual=residual)
+
+    return factory
+
+
+def _seed(residual: bool) -> Callable[..., nn.Module]:
+    def factory(in_channels: int = 1, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+        return ResNet((3, 4, 6, 3), (16, 32, 64, 128), in_channels, num_classes, residual=residual)
+
+    return factory
+
+
+def _torchvision(arch: str) -> Callable[..., nn.Module]:
+    def factory(in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+        import torchvision.models as tvm
+
+        model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+        small = image_size is not None and image_size < 64
+        if in_channels != 3 or small:
+            # Small images (digits, shapes, CIFAR) lose everything to the 7×7/2 stem and the
+            # max-pool; use the usual CIFAR adaptation: a 3×3 stride-1 stem and no max-pool.
+            k, s, p = (3, 1, 1) if small else (7, 2, 3)
+            model.conv1 = nn.Conv2d(in_channels, 64, k, stride=s, padding=p, bias=False)
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+            if small:
+                model.maxpool = nn.Identity()
+        return model
+
+    return factory
+
+
+MODELS: dict[str, ModelSpec] = {}
+for _n, _depth in ((3, 20), (5, 32), (7, 44), (9, 56), (18, 110)):
+    MODELS[f"resnet{_depth}"] = ModelSpec(
+        f"resnet{_depth}", f"CIFAR ResNet-{_depth} (He et al. 2016 §4.2), {3 * _n} residual blocks",
+        _cifar(_n, True), twin=f"plain{_depth}")
+    MODELS[f"plain{_depth}"] = ModelSpec(
+        f"plain{_depth}", f"plain twin of resnet{_depth}: same layers, no shortcuts", _cifar(_n, False))
+MODELS["seed34"] = ModelSpec(
+    "seed34", "the origin document's [3,4,6,3] basic-block ResNet for 1×28×28 input (widths 16-128)",
+    _seed(True), twin="plainseed34")
+MODELS["plainseed34"] = ModelSpec("plainseed34", "plain twin of seed34", _seed(False))
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    MODELS[f"torchvision:{_arch}"] = ModelSpec(
+        f"torchvision:{_arch}", f"torchvision's {_arch}, adapted to the dataset's channels and classes",
+        _torchvision(_arch))
+
+
+def model_names() -> list[str]:
+    return list(MODELS)
+
+
+def _is_factory_path(name: str) -> bool:
+    module, _, func = name.partition(":")
+    return bool(module and func) and module != "torchvision" and all(
+        part.isidentifier() for part in module.split(".") + [func])
+
+
+def _user_factory(name: str) -> Callable[..., nn.Module]:
+    module_name, _, func_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UnknownNameError("model", name, model_names()) from e
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ValueError(f"model factory '{name}': module '{module_name}' has no callable '{func_name}'")
+    return factory
+
+
+def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+    """Build the model called ``name`` for the given input channels and class count.
+
+    Raises ``UnknownNameError`` (listing the valid names and the closest one)
+    for an unknown name.
+    """
+    if name in MODELS:
+        return MODELS[name].factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if not _is_factory_path(name):
+        raise UnknownNameError("model", name, model_names())
+    factory = _user_factory(name)
+    params = inspect.signature(factory).parameters
+    offered = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if accepts_all or k in params}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model factory '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def twin_name(name: str) -> str | None:
+    """The plain twin's model name, or None when the model has no registered twin."""
+    spec = MODELS.get(name)
+    return spec.twin if spec else None

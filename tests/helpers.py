@@ -1,0 +1,41 @@
+"""Small models for tests."""
+
+import torch
+from torch import nn
+
+
+class UserBlock(nn.Module):
+    """A residual block as a user would write it: nothing registered anywhere."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                               nn.Conv2d(width, width, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class UserResNet(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, depth: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.body = nn.Sequential(*[UserBlock(width) for _ in range(depth)])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.body(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def user_resnet(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    return UserResNet(in_channels, num_classes)
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+
+
+def overridden_forwards(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
