@@ -1,0 +1,87 @@
+"""The plugin contract: every hook resinspect calls, when, with what, and what it returns.
+
+Hooks are called with keyword arguments only; a plugin implements any subset,
+naming only the arguments it needs. Each plugin's implementations are called
+in isolation: if one raises, that plugin is marked failed and the others go on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .context import RunContext
+    from .options import OptionGroup
+    from .section import Section
+    from .training import EpochInfo, StepInfo, Trainee
+
+hookspec = pluggy.HookspecMarker("resinspect")
+hookimpl = pluggy.HookimplMarker("resinspect")
+
+
+@hookspec
+def resinspect_addoptions(options: OptionGroup) -> None:
+    """Declare the plugin's options with ``options.add(name, type, default, help)``.
+
+    Called once per installed plugin before any work starts; ``options`` is the
+    plugin's own group, so ``options.add("samples", int, 100, "…")`` becomes
+    ``-o <plugin>.samples=…`` on the command line and ``[<plugin>] samples = …``
+    in a config file. Returns nothing.
+    """
+
+
+@hookspec
+def resinspect_configure(ctx: RunContext) -> None:
+    """Called once, after the model, twin and data exist and before training.
+
+    Read your options with ``ctx.options(<plugin>)``; keep state in
+    ``ctx.stash``. Returns nothing.
+    """
+
+
+@hookspec
+def resinspect_train_start(ctx: RunContext, trainee: Trainee) -> None:
+    """Called before the first step of training ``trainee.model`` (``trainee.role`` is
+    ``"model"`` or ``"twin"``): the place to attach hooks to that model. Returns nothing.
+    """
+
+
+@hookspec
+def resinspect_after_backward(ctx: RunContext, step: StepInfo) -> None:
+    """Called after ``loss.backward()`` and before ``optimizer.step()`` on every training step.
+
+    Gradients are in ``p.grad``; parameters still hold the values that produced
+    them. ``step.loss`` is a detached device tensor. Keep this cheap: avoid
+    per-parameter ``.item()`` (a device sync). Returns nothing.
+    """
+
+
+@hookspec
+def resinspect_epoch_end(ctx: RunContext, epoch: EpochInfo) -> None:
+    """Called after each training epoch's test evaluation, with ``epoch.metrics``
+    (train/test loss and accuracy, learning rate). Returns nothing.
+    """
+
+
+@hookspec
+def resinspect_train_end(ctx: RunContext, trainee: Trainee) -> None:
+    """Called after the last epoch of ``trainee.model``: detach any hooks you attached. Returns nothing."""
+
+
+@hookspec
+def resinspect_analyze(ctx: RunContext) -> Section | list[Section] | None:
+    """Called once after training (or after loading a checkpoint) to run the analysis.
+
+    ``ctx.model`` (and ``ctx.twin`` if trained) are in eval mode; restore
+    anything you change (use ``try/finally``). Return a :class:`Section`, a list
+    of them, or None for no section.
+    """
+
+
+@hookspec
+def resinspect_unconfigure(ctx: RunContext) -> None:
+    """Called once at the end of the run, also after a failure: release resources,
+    remove hooks. Returns nothing.
+    """

@@ -1,0 +1,84 @@
+"""Render a run's results to one self-contained HTML file (no network: CSS inline, figures embedded)."""
+
+from __future__ import annotations
+
+import base64
+import math
+from importlib import resources
+from typing import Any
+
+import jinja2
+from markupsafe import Markup
+
+from ..section import Section
+from .explainer import ANCHORS, EXPLAINER_HTML
+
+__all__ = ["render_html", "ANCHORS"]
+
+_STATUS_TEXT = {"complete": "complete", "plugins_failed": "complete, with failed plugins", "failed": "failed",
+                "running": "incomplete"}
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v == 0:
+            return "0"
+        return f"{v:.4g}" if abs(v) >= 1e-3 else f"{v:.3e}"
+    return "" if v is None else str(v)
+
+
+def _env() -> jinja2.Environment:
+    loader = jinja2.PackageLoader("resinspect.report", "templates")
+    env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters["cell"] = _cell
+    return env
+
+
+def render_html(results: dict[str, Any], sections: list[Section], config_toml: str) -> str:
+    """The report as a string. Every string from results/sections is HTML-escaped by the template."""
+    env = _env()
+    css = resources.files("resinspect.report").joinpath("templates/report.css").read_text(encoding="utf-8")
+    views, summary = [], []
+    for i, s in enumerate(sections):
+        anchor = f"section-{i}-{''.join(c if c.isalnum() else '-' for c in s.plugin)}"
+        views.append({
+            "anchor": anchor, "title": s.title, "plugin": s.plugin, "status": s.status, "error": s.error,
+            "traceback": s.traceback, "explanation": s.explanation,
+            "paragraphs": [p.strip() for p in s.explanation.split("\n\n") if p.strip()],
+            "docs": s.docs if s.docs in ANCHORS else None, "findings": s.findings, "metrics": s.metrics,
+            "tables": s.tables,
+            "figures": [{"title": f.title, "caption": f.caption, "alt": f.alt,
+                         "b64": base64.b64encode(f.png).decode("ascii")} for f in s.figures]})
+        summary += [{"text": f.text, "severity": f.severity, "plugin": s.plugin, "anchor": anchor}
+                    for f in s.findings]
+        if s.status == "failed":
+            summary.append({"text": f"The plugin failed: {s.error}", "severity": "critical", "plugin": s.plugin,
+                            "anchor": anchor})
+    order = {"critical": 0, "warning": 1, "good": 2, "info": 3}
+    summary.sort(key=lambda f: order[f["severity"]])
+    model = results.get("model", {})
+    env_info = results.get("environment", {})
+    run = results.get("run", {})
+    status = results.get("status", "running")
+    run_info = [("run directory", run.get("dir", "")), ("started", run.get("started", "")),
+                ("finished", run.get("finished", "")), ("duration", f"{run.get('seconds', 0):.1f} s"),
+                ("device", env_info.get("device", "")), ("python", env_info.get("python", "")),
+                ("packages", ", ".join(f"{k} {v}" for k, v in env_info.get("packages", {}).items())),
+                ("dataset", ", ".join(f"{k}={v}" for k, v in results.get("data", {}).items()))]
+    footer = ("Report complete." if status in ("complete", "plugins_failed")
+              else "This run did not complete; results are partial.")
+    return env.get_template("report.html").render(
+        version=results.get("resinspect_version", ""), schema_version=results.get("schema_version", ""),
+        status=status, status_text=_STATUS_TEXT.get(status, status), error=results.get("error"),
+        model_name=model.get("name", "?"), twin_name=(model.get("twin") or {}).get("name"),
+        data_name=results.get("data", {}).get("name", "?"), run_name=run.get("name", ""),
+        started=run.get("started", ""), parameters=f"{model.get('parameters', 0):,}",
+        n_blocks=len(model.get("residual_blocks", [])), sections=views, summary=summary,
+        explainer=Markup(EXPLAINER_HTML), css=Markup(css),
+        failures=[{"plugin": n, "error": p.get("error")} for n, p in results.get("plugins", {}).items()
+                  if p.get("status") == "failed"],
+        run_info=run_info, config_toml=config_toml, footer=footer)

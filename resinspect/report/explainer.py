@@ -1,0 +1,58 @@
+"""The short residual-learning explainer shown at the top of every report (MathML: renders offline).
+
+Each paragraph has an anchor that plugin sections link to (``Section.docs``).
+The long version is docs/residual-learning.md.
+"""
+
+ANCHORS = ("explainer-residual", "explainer-gradient", "explainer-paths", "explainer-degradation",
+           "explainer-responses")
+
+EXPLAINER_HTML = """
+<p id="explainer-residual"><strong>The residual block.</strong> A block computes
+<math><mi>y</mi><mo>=</mo><mi>x</mi><mo>+</mo><mi>F</mi><mo>(</mo><mi>x</mi><mo>)</mo></math>:
+its input <math><mi>x</mi></math> travels unchanged along the <em>skip</em> (shortcut) and the
+<em>branch</em> <math><mi>F</mi></math> (conv–BN–ReLU–conv–BN) only has to learn a correction. When a
+block changes resolution or width the skip becomes a projection (1×1 convolution + BN). If the best
+thing a block can do is nothing, it can learn <math><mi>F</mi><mo>≈</mo><mn>0</mn></math>, which is far
+easier than learning the identity through a stack of nonlinear layers (He et al. 2016).</p>
+
+<p id="explainer-gradient"><strong>Why the gradient does not vanish.</strong> Differentiating the block,
+<math><mfrac><mrow><mo>∂</mo><mi>L</mi></mrow><mrow><mo>∂</mo><mi>x</mi></mrow></mfrac><mo>=</mo>
+<mfrac><mrow><mo>∂</mo><mi>L</mi></mrow><mrow><mo>∂</mo><mi>y</mi></mrow></mfrac>
+<mrow><mo>(</mo><mn>1</mn><mo>+</mo><mfrac><mrow><mo>∂</mo><mi>F</mi></mrow><mrow><mo>∂</mo><mi>x</mi></mrow></mfrac><mo>)</mo></mrow></math>:
+the skip contributes the gradient of the output unchanged, the branch adds its own part. Unrolled over
+blocks <math><mi>l</mi></math> to <math><mi>L</mi></math> with identity skips
+(He et al. 2016, <em>Identity Mappings in Deep Residual Networks</em>, eqs. 4–5):
+<math><msub><mi>x</mi><mi>L</mi></msub><mo>=</mo><msub><mi>x</mi><mi>l</mi></msub><mo>+</mo>
+<munderover><mo>∑</mo><mrow><mi>i</mi><mo>=</mo><mi>l</mi></mrow><mrow><mi>L</mi><mo>−</mo><mn>1</mn></mrow></munderover>
+<mi>F</mi><mo>(</mo><msub><mi>x</mi><mi>i</mi></msub><mo>)</mo></math> and
+<math><mfrac><mrow><mo>∂</mo><mi>ℒ</mi></mrow><mrow><mo>∂</mo><msub><mi>x</mi><mi>l</mi></msub></mrow></mfrac>
+<mo>=</mo><mfrac><mrow><mo>∂</mo><mi>ℒ</mi></mrow><mrow><mo>∂</mo><msub><mi>x</mi><mi>L</mi></msub></mrow></mfrac>
+<mrow><mo>(</mo><mn>1</mn><mo>+</mo><mfrac><mo>∂</mo><mrow><mo>∂</mo><msub><mi>x</mi><mi>l</mi></msub></mrow></mfrac>
+<munderover><mo>∑</mo><mrow><mi>i</mi><mo>=</mo><mi>l</mi></mrow><mrow><mi>L</mi><mo>−</mo><mn>1</mn></mrow></munderover>
+<mi>F</mi><mo>(</mo><msub><mi>x</mi><mi>i</mi></msub><mo>)</mo><mo>)</mo></mrow></math>.
+The "1" means the gradient of the last layer reaches every earlier block directly, not as a product of
+many Jacobians that can shrink towards zero as in a plain network. (In the post-activation blocks used
+here a ReLU follows the addition, so the skip is identity only where the sum is positive.)</p>
+
+<p id="explainer-paths"><strong>An ensemble of paths.</strong> Expanding
+<math><mi>y</mi><mo>=</mo><mi>x</mi><mo>+</mo><mi>F</mi><mo>(</mo><mi>x</mi><mo>)</mo></math>
+block by block shows that a network of <math><mi>N</mi></math> blocks contains
+<math><msup><mn>2</mn><mi>N</mi></msup></math> paths from input to output, one for each choice of skip or
+branch in every block; path lengths follow Binomial(<math><mi>N</mi></math>, ½), so most paths are of
+moderate length (Veit et al. 2016). Deleting one block removes only half of the paths and leaves the
+rest intact, which is why a trained ResNet barely notices the loss of one block, while deleting a layer
+of a plain network cuts its only path.</p>
+
+<p id="explainer-degradation"><strong>The degradation problem.</strong> Deeper plain networks train to
+<em>higher</em> training error than shallower ones (He et al. 2016): not overfitting, but an
+optimisation difficulty. Their gradients also become "shattered", close to white noise across inputs
+(Balduzzi et al. 2017). The plain twin (<code>--twin</code>) is the same network without shortcuts, so the
+comparison isolates what the shortcuts do.</p>
+
+<p id="explainer-responses"><strong>Small responses.</strong> In trained ResNets the branches' outputs
+(their "responses") are generally small and shrink with depth: each block nudges the representation
+rather than replacing it (He et al. 2016, Fig. 7). A block whose
+<math><mo>‖</mo><mi>F</mi><mo>(</mo><mi>x</mi><mo>)</mo><mo>‖</mo><mo>/</mo><mo>‖</mo><mi>x</mi><mo>‖</mo></math>
+is near zero is close to the identity.</p>
+"""

@@ -1,0 +1,138 @@
+"""What a plugin returns: a :class:`Section` is data (text, findings, metrics, tables, figures), not HTML.
+
+The core renders sections to HTML, TensorBoard and results.json, and can
+re-render the HTML later from results.json alone.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Section", "Finding", "Table", "Figure", "SEVERITIES"]
+
+SEVERITIES = ("info", "good", "warning", "critical")
+
+
+@dataclass
+class Finding:
+    """One plain-language sentence about the model, with a severity from :data:`SEVERITIES`."""
+
+    text: str
+    severity: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"finding severity '{self.severity}' is not one of {', '.join(SEVERITIES)}")
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        for i, row in enumerate(self.rows):
+            if len(row) != len(self.columns):
+                raise ValueError(f"table '{self.title}': row {i} has {len(row)} cells for {len(self.columns)} columns")
+
+
+@dataclass
+class Figure:
+    """A PNG image with a title and caption. Build one from matplotlib with :meth:`from_matplotlib`."""
+
+    title: str
+    png: bytes
+    caption: str = ""
+    alt: str = ""
+
+    @classmethod
+    def from_matplotlib(cls, fig: Any, title: str, caption: str = "", alt: str = "", dpi: int = 110) -> "Figure":
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        try:
+            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+        return cls(title=title, png=buf.getvalue(), caption=caption, alt=alt or title)
+
+
+@dataclass
+class Section:
+    """A plugin's contribution to the report.
+
+    Attributes:
+        title: heading of the section.
+        explanation: what the plugin measures and how to read it (plain text; blank lines split paragraphs).
+        findings: plain-language results with a severity.
+        metrics: flat ``name -> number or string``; numbers also go to TensorBoard as ``<plugin>/<name>``.
+        tables, figures: supporting data.
+        docs: a link (relative to the docs folder) to the explainer paragraph this section tests.
+        plugin, status, error, traceback: filled in by the host.
+    """
+
+    title: str
+    explanation: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    docs: str | None = None
+    plugin: str = ""
+    status: str = "ok"
+    error: str | None = None
+    traceback: str | None = None
+
+    def finding(self, text: str, severity: str = "info") -> None:
+        self.findings.append(Finding(text, severity))
+
+    def table(self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "") -> None:
+        self.tables.append(Table(title, columns, rows, caption))
+
+    def figure(self, fig: Any, title: str, caption: str = "", alt: str = "") -> None:
+        self.figures.append(Figure.from_matplotlib(fig, title, caption, alt))
+
+    def to_dict(self, figure_files: list[str]) -> dict[str, Any]:
+        return {
+            "title": self.title, "plugin": self.plugin, "status": self.status, "explanation": self.explanation,
+            "docs": self.docs, "findings": [{"text": f.text, "severity": f.severity} for f in self.findings],
+            "metrics": {k: _jsonable(v) for k, v in self.metrics.items()},
+            "tables": [{"title": t.title, "columns": t.columns, "rows": [[_jsonable(c) for c in r] for r in t.rows],
+                        "caption": t.caption} for t in self.tables],
+            "figures": [{"title": f.title, "caption": f.caption, "alt": f.alt, "file": path}
+                        for f, path in zip(self.figures, figure_files)],
+            "error": self.error, "traceback": self.traceback,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], load_png: Any) -> "Section":
+        return cls(
+            title=d["title"], plugin=d.get("plugin", ""), status=d.get("status", "ok"),
+            explanation=d.get("explanation", ""), docs=d.get("docs"),
+            findings=[Finding(f["text"], f.get("severity", "info")) for f in d.get("findings", [])],
+            metrics=dict(d.get("metrics", {})),
+            tables=[Table(t["title"], t["columns"], t["rows"], t.get("caption", "")) for t in d.get("tables", [])],
+            figures=[Figure(f["title"], load_png(f["file"]), f.get("caption", ""), f.get("alt", ""))
+                     for f in d.get("figures", [])],
+            error=d.get("error"), traceback=d.get("traceback"))
+
+
+def _jsonable(v: Any) -> Any:
+    """Numbers, strings, bools and None pass; numpy/torch scalars become Python; NaN/inf become strings."""
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError):
+            return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
