@@ -80,6 +80,26 @@ class RunContext:
         """The resolved options of ``plugin`` (defaults, config file, ``-o``)."""
         return dict(self.plugin_options.get(plugin, {}))
 
+    def test_batches(self, limit: int = 0):
+        """Yield ``(x, y)`` test batches on the device, stopping after ``limit`` images (0: all)."""
+        seen = 0
+        for x, y in self.test_loader:
+            if limit and seen + len(y) > limit:
+                x, y = x[: limit - seen], y[: limit - seen]
+            if len(y) == 0:
+                break
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            seen += len(y)
+            if limit and seen >= limit:
+                break
+
+    def train_batches(self, count: int):
+        """Yield up to ``count`` training batches on the device (in the loader's order)."""
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= count:
+                break
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
     def networks(self) -> list[tuple[str, nn.Module]]:
         """``[("model", model)]`` plus ``("twin", twin)`` when a twin exists."""
         return [("model", self.model)] + ([("twin", self.twin)] if self.twin is not None else [])

@@ -48,4 +48,11 @@ class OptionError(ResinspectError, ValueError):
 
 
 class TrainingDiverged(ResinspectError):
-    """The loss became NaN or infinite; the model holds the last good weights."""
+    """The loss became NaN or infinite; the model holds the last good weights.
+
+    ``history`` holds the metrics recorded up to that point.
+    """
+
+    def __init__(self, message: str, history: object = None):
+        super().__init__(message)
+        self.history = history

@@ -102,6 +102,13 @@ def load_plugin_spec(spec: str) -> PluginInfo:
     return PluginInfo(spec.rsplit(".", 1)[-1], module, f"module {spec}", "", _describe(module))
 
 
+def _importable(name: str) -> bool:
+    try:
+        return name.isidentifier() and importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class PluginHost:
     """Discovers plugins, activates a selection and calls hooks with failure isolation."""
 
@@ -126,11 +133,14 @@ class PluginHost:
             name = raw.strip()
             if not name:
                 continue
-            if name not in self.available and (name.endswith(".py") or os.sep in name or "." in name):
+            looks_like_path = name.endswith(".py") or os.sep in name or "." in name
+            if name not in self.available and (looks_like_path or _importable(name)):
                 try:
                     info = load_plugin_spec(name)
                 except ImportError:
                     raise UnknownNameError("plugin", name, self.available) from None
+                if not info.hooks():
+                    raise ResinspectError(f"plugin {name}: {info.source} defines no resinspect_* hooks")
                 self.add(info)
                 name = info.name
             if name not in self.available:

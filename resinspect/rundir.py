@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -84,7 +85,22 @@ def save_results(run_dir: Path, results: dict[str, Any], sections: dict[str, lis
     results["core_sections"] = dump("core", core_sections)
     for name, secs in sections.items():
         results["plugins"].setdefault(name, {})["sections"] = dump(name, secs)
-    write_atomic(run_dir / RESULTS_FILE, json.dumps(results, indent=2, allow_nan=False, default=str))
+    write_atomic(run_dir / RESULTS_FILE, results_json(results))
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf: "nan", "inf", "-inf"
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def results_json(results: dict[str, Any]) -> str:
+    """Strict JSON (non-finite floats become strings), for results.json."""
+    return json.dumps(_finite(results), indent=2, allow_nan=False, default=str)
 
 
 def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .data import DataBundle, load_data, make_loaders
 from .errors import ResinspectError, TrainingDiverged
 from .models import build_model, load_checkpoint, save_checkpoint, twin_name
 from .plugins import DEFAULT_PLUGINS, PluginHost
-from .rundir import SCHEMA_VERSION, dump_toml, new_run_dir, read_config_file, save_results, write_atomic
+from .rundir import SCHEMA_VERSION, dump_toml, new_run_dir, read_config_file, results_json, save_results, write_atomic
 from .section import Section
 from .training import History, TrainConfig, resolve_device, train_model
 
@@ -308,7 +308,7 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
                       "name": twin_label, "parameters": sum(p.numel() for p in twin_model.parameters()),
                       "residual_blocks": len(residual_blocks(twin_model))}},
         "data": bundle.describe(), "training": {}, "plugins": {}, "core_sections": []}
-    write_atomic(run_dir / "results.json", __import__("json").dumps(results, indent=2, default=str))
+    write_atomic(run_dir / "results.json", results_json(results))
 
     sections: dict[str, list[Section]] = {}
     history: dict[str, History] = {}
@@ -331,6 +331,8 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
         sections = host.analyze(ctx)
     except TrainingDiverged as e:
         error = str(e)
+        if e.history is not None:
+            history[role] = e.history
     finally:
         host.call("resinspect_unconfigure", ctx=ctx, include_failed=True)
     if s.epochs <= 0 or not (run_dir / "model.pt").exists():

@@ -218,10 +218,10 @@ def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoa
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 model.load_state_dict(last_good)
-                good = f"epoch {epoch}" if epoch else "initialisation"
+                good = f"the weights of epoch {epoch}, the last good one" if epoch else "its initial weights"
                 raise TrainingDiverged(
                     f"{role}: the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; training stopped. "
-                    f"The model holds the weights of the last good {good}. Try a smaller --lr.")
+                    f"The model keeps {good}. Try a smaller --lr.", history)
             if has("resinspect_after_backward"):
                 hooks.call("resinspect_after_backward", ctx=ctx,
                            step=StepInfo(role, model, epoch, global_step, loss.detach()))

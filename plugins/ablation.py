@@ -1,0 +1,349 @@
+"""Lesion study: bypass residual blocks or remove their skips, and measure what the network loses.
+
+Veit, Wilber & Belongie (2016), "Residual Networks Behave Like Ensembles of
+Relatively Shallow Networks": deleting one block of a trained ResNet barely
+hurts, deleting one layer of a plain network of the same depth is fatal.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from resinspect import Section, hookimpl
+from resinspect.anatomy import residual_blocks
+from resinspect_plugins._lesion import Lesion, LesionStats, _applied, lesion_sweep
+
+NAME = "ablation"
+
+EXPLANATION = """\
+Each residual block computes y = x + F(x). A lesion bypasses one block (its output becomes its shortcut: \
+the identity, or the projection of a downsampling block) and measures test accuracy without it; skip removal \
+does the opposite and keeps only the branch (y = F(x)). Costs are in accuracy points (percentage points) \
+relative to the intact network on the same test images.
+
+Veit et al. (2016) unravel a network of N blocks into 2^N paths of different lengths. Bypassing one block \
+removes only the paths that pass through its branch and leaves the other half, so a trained ResNet degrades \
+gracefully, more so the more blocks it has; downsampling blocks are the exception, because every path \
+crosses them. A plain network has a single path: removing any layer pair breaks it. Bypassing k random blocks \
+at once shows how the damage grows with k: smoothly for an ensemble, as a cliff for a chain.
+
+Optionally BatchNorm statistics are re-estimated after each lesion (option bn_recalibrate), which separates \
+"the block mattered" from "the following layers' statistics shifted"."""
+
+
+@hookimpl
+def resinspect_addoptions(options):
+    options.add("samples", int, 0, "test images to evaluate (0: the whole test set)",
+                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("k_max", int, 8, "largest number of blocks bypassed together in the random-subset study "
+                "(capped at the number of blocks; 0 skips it)", check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("subsets", int, 5, "random subsets per k", check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("skip_removal", bool, True, "also remove each block's skip connection in turn")
+    options.add("bn_recalibrate", bool, True, "also evaluate each single-block lesion after re-estimating "
+                "BatchNorm statistics with the lesion in place (one extra pass per block)")
+    options.add("bn_batches", int, 4, "training batches used to re-estimate BatchNorm statistics",
+                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("critical_points", float, 5.0, "accuracy cost (points) from which a block counts as critical",
+                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("fast", bool, True, "share the clean pass's block outputs between lesions (same results)")
+
+
+@contextmanager
+def _recalibrated(model: nn.Module, batches: list) -> Iterator[None]:
+    """Re-estimate BN running statistics on ``batches`` (under whatever lesion is active); restore on exit."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, {k: v.clone() for k, v in m.state_dict().items()}, m.momentum, m.training) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        for m in bns:
+            m.eval()
+        yield
+    finally:
+        for m, state, momentum, training in saved:
+            m.load_state_dict(state)
+            m.momentum = momentum
+            m.train(training)
+
+
+def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
+    """Each lesion evaluated after re-estimating BN statistics with the lesion in place (per-lesion passes)."""
+    train = list(ctx.train_batches(opts["bn_batches"]))
+    stats = []
+    for lesion in lesions:
+        with _applied(model, blocks, lesion), _recalibrated(model, train):
+            stats.append(lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())],
+                                      fast=False)[1][0])
+    return stats
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _plain_layer_pairs(twin: nn.Module, names: list[str], probe: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The twin's modules named like the residual blocks whose output shape equals their input shape."""
+    candidates = []
+    for name in names:
+        try:
+            candidates.append((name, twin.get_submodule(name)))
+        except AttributeError:
+            continue
+    shapes: dict[str, tuple] = {}
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (tuple(i[0].shape), tuple(o.shape))))
+               for n, m in candidates]
+    try:
+        with torch.no_grad():
+            twin(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, m) for n, m in candidates if n in shapes and shapes[n][0] == shapes[n][1]]
+
+
+def _cost(clean: LesionStats, s: LesionStats) -> float:
+    return (clean.accuracy - s.accuracy) * 100.0
+
+
+@hookimpl
+def resinspect_analyze(ctx) -> Section:
+    opts = ctx.options(NAME)
+    section = Section(title="Ablation: block lesions and skip removal", explanation=EXPLANATION,
+                      docs="explainer-paths")
+    model = ctx.model
+    blocks = residual_blocks(model)
+    if not blocks:
+        section.finding(f"Nothing to ablate: {ctx.model_name} has no residual blocks (a plain network, or a "
+                        "forward that never adds a module's input to a branch).", "info")
+        section.metrics["blocks"] = 0
+        return section
+    was_training = model.training
+    model.eval()
+    try:
+        return _analyze(ctx, model, blocks, opts, section)
+    finally:
+        model.train(was_training)
+
+
+def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
+    n = len(blocks)
+    lesions = [Lesion("bypass", (i,)) for i in range(n)]
+    if opts["skip_removal"]:
+        lesions += [Lesion("drop_skip", (i,)) for i in range(n)]
+    k_max = min(opts["k_max"], n)
+    rng = random.Random(ctx.seed)
+    k_lesions: dict[int, list[Lesion]] = {}
+    for k in range(1, k_max + 1):
+        k_lesions[k] = [Lesion("bypass", tuple(sorted(rng.sample(range(n), k)))) for _ in range(opts["subsets"])]
+        lesions += k_lesions[k]
+    clean, stats = lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, lesions, fast=opts["fast"])
+    by_lesion = dict(zip(lesions, stats))
+    single = [by_lesion[Lesion("bypass", (i,))] for i in range(n)]
+    recal = None
+    if opts["bn_recalibrate"] and _has_batchnorm(model):
+        recal = _recalibrated_sweep(ctx, model, blocks, [Lesion("bypass", (i,)) for i in range(n)], opts)
+    skip = [by_lesion[Lesion("drop_skip", (i,))] for i in range(n)] if opts["skip_removal"] else []
+    m = section.metrics
+    m.update({"blocks": n, "images": clean.count, "clean_accuracy": clean.accuracy, "clean_loss": clean.loss})
+    rows = []
+    for i, b in enumerate(blocks):
+        cost = _cost(clean, single[i])
+        m[f"lesion/{b.name}/accuracy"] = single[i].accuracy
+        m[f"lesion/{b.name}/cost_points"] = cost
+        row = [b.name, b.stage, b.downsamples, b.shortcut_kind, single[i].accuracy, cost, single[i].loss - clean.loss]
+        if recal:
+            m[f"lesion_bn/{b.name}/accuracy"] = recal[i].accuracy
+            row.append(_cost(clean, recal[i]))
+        if skip:
+            m[f"skip_removal/{b.name}/accuracy"] = skip[i].accuracy
+            row += [skip[i].accuracy, _cost(clean, skip[i])]
+        rows.append(row)
+        if ctx.writer is not None:
+            ctx.writer.add_scalar(f"{NAME}/lesion_accuracy", single[i].accuracy, i)
+            if skip:
+                ctx.writer.add_scalar(f"{NAME}/skip_removal_accuracy", skip[i].accuracy, i)
+    columns = ["block", "stage", "downsamples", "shortcut", "acc. bypassed", "cost (points)", "Δ loss"]
+    if recal:
+        columns.append("cost, BN re-estimated")
+    if skip:
+        columns += ["acc. skip removed", "skip cost (points)"]
+    section.table(f"Single-block lesions (clean accuracy {clean.accuracy:.2%} on {clean.count} test images)",
+                  columns, rows)
+    costs = [_cost(clean, s) for s in single]
+    plain_costs = [c for c, b in zip(costs, blocks) if not b.downsamples] or costs
+    m["median_lesion_cost_points"] = statistics.median(plain_costs)
+    m["max_lesion_cost_points"] = max(costs)
+    if recal:
+        regular_recal = [_cost(clean, r) for r, b in zip(recal, blocks) if not b.downsamples] or \
+            [_cost(clean, r) for r in recal]
+        m["median_lesion_cost_bn_points"] = statistics.median(regular_recal)
+    if skip:
+        m["median_skip_removal_cost_points"] = statistics.median(_cost(clean, s) for s in skip)
+
+    k_curve = []
+    for k, ls in k_lesions.items():
+        accs = [by_lesion[l].accuracy for l in ls]
+        mean = statistics.fmean(accs)
+        sd = statistics.pstdev(accs)
+        k_curve.append((k, mean, sd, min(accs), max(accs)))
+        m[f"k/{k}/mean_accuracy"], m[f"k/{k}/std_accuracy"] = mean, sd
+        if ctx.writer is not None:
+            ctx.writer.add_scalar(f"{NAME}/k_mean_accuracy", mean, k)
+    if k_curve:
+        section.table("Bypassing k random blocks together", ["k", "mean acc.", "std", "min", "max"],
+                      [list(r) for r in k_curve], caption=f"{opts['subsets']} random subsets per k, seed {ctx.seed}.")
+
+    plain = _plain_comparison(ctx, blocks, opts)
+    if plain is not None:
+        m.update(plain["metrics"])
+        section.table(f"Plain twin ({ctx.twin_name}): each layer pair replaced by the identity",
+                      ["layer pair", "acc. removed", "cost (points)"]
+                      + (["cost, BN re-estimated"] if plain["recal"] else []), plain["rows"],
+                      caption=f"Clean accuracy of the twin: {plain['clean'].accuracy:.2%}.")
+    _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts)
+    _figures(section, blocks, clean, single, skip, k_curve, plain)
+    return section
+
+
+def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
+    if ctx.twin is None:
+        return None
+    twin = ctx.twin
+    was = twin.training
+    twin.eval()
+    try:
+        probe = next(ctx.test_batches(2))[0]
+        pairs = _plain_layer_pairs(twin, [b.name for b in blocks], probe)
+        if not pairs:
+            return None
+        lesions = [Lesion("identity", (i,)) for i in range(len(pairs))]
+        mods = [mod for _, mod in pairs]
+        clean, stats = lesion_sweep(twin, ctx.test_batches(opts["samples"]), mods, lesions, fast=opts["fast"])
+        recal = None
+        if opts["bn_recalibrate"] and _has_batchnorm(twin):
+            recal = _recalibrated_sweep(ctx, twin, mods, lesions, opts)
+    finally:
+        twin.train(was)
+    rows, metrics = [], {"plain_clean_accuracy": clean.accuracy}
+    for i, ((name, _), s) in enumerate(zip(pairs, stats)):
+        rows.append([name, s.accuracy, _cost(clean, s)] + ([_cost(clean, recal[i])] if recal else []))
+        metrics[f"plain/{name}/accuracy"] = s.accuracy
+    metrics["plain_median_cost_points"] = statistics.median(r[2] for r in rows)
+    if recal:
+        metrics["plain_median_cost_bn_points"] = statistics.median(r[3] for r in rows)
+    return {"rows": rows, "metrics": metrics, "clean": clean, "names": [n for n, _ in pairs],
+            "accuracy": {n: s.accuracy for (n, _), s in zip(pairs, stats)}, "recal": recal is not None}
+
+
+def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) -> None:
+    m = section.metrics
+    critical = [(b, c) for b, c in zip(blocks, costs) if c >= opts["critical_points"]]
+    if critical:
+        listed = ", ".join(f"{b.name} ({c:.1f} points{', downsampling' if b.downsamples else ''})"
+                           for b, c in sorted(critical, key=lambda t: -t[1])[:8])
+        more = f" and {len(critical) - 8} more" if len(critical) > 8 else ""
+        section.finding(f"Critical blocks (bypassing one costs ≥ {opts['critical_points']:g} points): {listed}{more}.",
+                        "warning")
+    else:
+        section.finding(f"No single block is critical: bypassing any one of the {len(blocks)} blocks costs less "
+                        f"than {opts['critical_points']:g} accuracy points (worst: {max(costs):.1f}).", "good")
+    if any(not b.downsamples for b in blocks):
+        med = m["median_lesion_cost_points"]
+        text = (f"Bypassing one non-downsampling block costs a median {med:.1f} points (from {clean.accuracy:.1%})")
+        if "median_lesion_cost_bn_points" in m:
+            text += (f", and {m['median_lesion_cost_bn_points']:.1f} points once BatchNorm statistics are "
+                     "re-estimated with the block removed")
+        small = min(med, m.get("median_lesion_cost_bn_points", med)) < 2.0
+        text += (": most blocks are dispensable one at a time, as the ensemble-of-paths view predicts."
+                 if small else ": here single blocks still matter; deeper or longer-trained ResNets usually "
+                 "depend less on any one block.")
+        section.finding(text, "good" if small else "info")
+    if skip:
+        section.finding(f"Removing a skip connection instead (keeping only the branch) costs a median "
+                        f"{m['median_skip_removal_cost_points']:.1f} points: compare with the bypass cost above to "
+                        "see which path carries the signal.", "info")
+    if len(k_curve) >= 2:
+        means = [r[1] for r in k_curve]
+        drops = [(clean.accuracy if i == 0 else means[i - 1]) - means[i] for i in range(len(means))]
+        total = clean.accuracy - means[-1]
+        biggest = max(range(len(drops)), key=drops.__getitem__)
+        cliff = total > 0.05 and drops[biggest] > 0.5 * total and len(drops) > 2
+        shape = (f"falls off a cliff at k={k_curve[biggest][0]}" if cliff else "degrades smoothly")
+        section.finding(f"Bypassing k random blocks together, accuracy {shape}: "
+                        + ", ".join(f"k={k}: {mu:.1%}" for k, mu, *_ in k_curve) + ".",
+                        "warning" if cliff else "info")
+    if plain is not None and any(not b.downsamples for b in blocks):
+        key = "median_lesion_cost_bn_points" if plain["recal"] and "median_lesion_cost_bn_points" in m \
+            else "median_lesion_cost_points"
+        pkey = "plain_median_cost_bn_points" if key.endswith("bn_points") else "plain_median_cost_points"
+        how = " (BatchNorm re-estimated)" if key.endswith("bn_points") else ""
+        res_med, plain_med = m[key], plain["metrics"][pkey]
+        section.finding(
+            f"Residual vs plain{how}: bypassing one block of {ctx.model_name} costs a median {res_med:.1f} points, "
+            f"removing the same layer pair from its plain twin {ctx.twin_name} costs a median {plain_med:.1f} points "
+            f"(intact accuracies {clean.accuracy:.1%} and {plain['clean'].accuracy:.1%}).",
+            "good" if plain_med > res_med else "info")
+
+
+def _figures(section, blocks, clean, single, skip, k_curve, plain) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [b.name for b in blocks]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 3.6))
+    width = 0.4 if skip else 0.7
+    ax.bar(x - (width / 2 if skip else 0), [100 * (clean.accuracy - s.accuracy) for s in single], width,
+           label="block bypassed", color="#2c5aa0")
+    if skip:
+        ax.bar(x + width / 2, [100 * (clean.accuracy - s.accuracy) for s in skip], width, label="skip removed",
+               color="#c0504d")
+    for i, b in enumerate(blocks):
+        if b.downsamples:
+            ax.axvspan(i - 0.5, i + 0.5, color="#999", alpha=0.15, lw=0)
+    ax.set_xticks(x, names, rotation=70, fontsize=7)
+    ax.set_ylabel("accuracy cost (points)")
+    ax.set_title("Cost of each single lesion (grey: downsampling blocks)")
+    ax.legend()
+    section.figure(fig, "Single-block lesions", "Accuracy lost when one block is bypassed (blue) or loses its "
+                   "skip (red), relative to the intact network.")
+    if k_curve:
+        ks = [r[0] for r in k_curve]
+        mean = np.array([r[1] for r in k_curve])
+        sd = np.array([r[2] for r in k_curve])
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot([0] + ks, [clean.accuracy] + list(mean), marker="o", color="#2c5aa0", label="mean")
+        ax.fill_between(ks, mean - sd, mean + sd, alpha=0.25, color="#2c5aa0", label="± 1 std")
+        ax.fill_between(ks, [r[3] for r in k_curve], [r[4] for r in k_curve], alpha=0.1, color="#2c5aa0",
+                        label="min–max")
+        ax.set(xlabel="blocks bypassed together (k)", ylabel="test accuracy", ylim=(0, 1.02),
+               title="Accuracy vs number of bypassed blocks")
+        ax.legend()
+        section.figure(fig, "Bypassing k random blocks", "Mean, spread and range over random subsets of k blocks.")
+    if plain is not None:
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 3.6))
+        ax.plot(x, [s.accuracy for s in single], marker="o", label="residual: block bypassed")
+        px = [names.index(n) for n in plain["names"]]
+        ax.plot(px, [plain["accuracy"][n] for n in plain["names"]], marker="s", ls="--",
+                label="plain twin: layer pair removed")
+        ax.axhline(clean.accuracy, color="#2c5aa0", lw=0.8, ls=":")
+        ax.axhline(plain["clean"].accuracy, color="#c0504d", lw=0.8, ls=":")
+        ax.set_xticks(x, names, rotation=70, fontsize=7)
+        ax.set(ylabel="test accuracy", ylim=(0, 1.02), title="Residual vs plain: one lesion at a time")
+        ax.legend()
+        section.figure(fig, "Residual vs plain", "Test accuracy after removing one block (residual) or the same "
+                       "layer pair (plain twin); dotted lines: intact accuracies.")
