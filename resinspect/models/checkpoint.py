@@ -62,7 +62,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
-        detail = f": {lines[0]}" if lines else ""
+        if not lines:
+            raise CheckpointError(f"checkpoint {path}: unreadable, the file is truncated or is not a PyTorch file "
+                                  "(not a valid pickle)") from e
+        detail = f": {lines[0]}"
         raise CheckpointError(
             f"checkpoint {path}: refused to load: it holds objects other than tensors and plain data "
             f"(loaded with weights_only=True){detail}") from e
