@@ -85,7 +85,9 @@ class ResidualBlock:
         return sum(p.numel() for p in self.module.parameters())
 
     def variant(self, mode: str) -> fx.GraphModule:
-        """The block's forward rewritten: ``bypass``, ``drop_skip``, ``branch`` (F(x)), ``shortcut`` (S(x))."""
+        """The block's forward rewritten: ``bypass``, ``drop_skip``, ``branch`` (F(x)), ``shortcut`` (S(x)),
+        or ``split`` (``forward(x_branch, x_skip)``: the same output, with the two paths reading separate inputs
+        so that autograd keeps their gradient contributions to x apart)."""
         if mode not in self._variants:
             self._variants[mode] = _rewrite(self, mode)
         return self._variants[mode]
@@ -168,7 +170,16 @@ def _rewrite(block: ResidualBlock, mode: str) -> fx.GraphModule:
     remap: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(block._graph, remap)
     add, f, s = remap[block._add], remap[block._branch], remap[block._shortcut]
-    if mode in ("branch", "shortcut"):
+    if mode == "split":
+        graph.output(out)
+        x = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(x):
+            x_skip = graph.placeholder("x_skip")
+        if s is x:
+            add.replace_input_with(x, x_skip)
+        else:
+            s.replace_input_with(x, x_skip)
+    elif mode in ("branch", "shortcut"):
         graph.output(f if mode == "branch" else s)
     else:
         graph.output(out)
