@@ -1,0 +1,267 @@
+"""Attribution maps through captum, scored for faithfulness (deletion/insertion), localisation (on ``shapes``)
+and sanity (Adebayo et al. 2018: do the maps change when the model is randomised?)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from resinspect import Section, hookimpl
+from resinspect.anatomy import residual_blocks
+from resinspect_plugins._attribution_methods import METHODS, attribute, method_names
+from resinspect_plugins._attribution_scores import deletion_insertion, mask_share, pointing_game, spearman
+
+NAME = "attribution"
+DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam"]
+
+EXPLANATION = """\
+Attribution maps say which input pixels a prediction depends on, for the predicted class. They are computed \
+with captum: Saliency (|gradient|), Integrated Gradients (path integral from a zero baseline), SmoothGrad \
+(saliency averaged over noisy copies), GradientShap, Occlusion (the drop in the class score when a patch is \
+hidden) and GradCAM at the output of each residual stage, upsampled to the input.
+
+A map is only worth showing if it can be trusted, so each method is scored. Faithfulness: the deletion curve \
+removes pixels in order of attribution and tracks the class probability (a faithful map makes it fall fast: \
+low area under the curve); the insertion curve reveals them on a blank image (high area is good); both are \
+compared with a random pixel order. Localisation (only on the shapes dataset, whose object masks are known): \
+the pointing game (is the top pixel on the object?) and the share of positive attribution inside the mask. \
+Sanity (Adebayo et al. 2018): the model's head and residual blocks are re-initialised cumulatively from the \
+output backwards, and the Spearman rank correlation between each new map and the original is tracked; a \
+method whose maps barely change does not reflect what the model learned."""
+
+
+@hookimpl
+def resinspect_addoptions(options):
+    options.add("methods", list, DEFAULT_METHODS, "attribution methods to run (gradcam: one map per residual stage)",
+                choices=list(METHODS), check=lambda v: "name at least one method" if not v else None)
+    options.add("images", int, 32, "test images to attribute and score",
+                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("ig_steps", int, 32, "Integrated Gradients steps (and GradientShap samples)",
+                check=lambda v: "must be >= 2" if v < 2 else None)
+    options.add("internal_batch_size", int, 256, "images per forward pass inside captum",
+                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("smoothgrad_samples", int, 16, "noisy samples per image for SmoothGrad",
+                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("smoothgrad_std", float, 0.15, "noise std for SmoothGrad / GradientShap (input units)",
+                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("occlusion_window", int, 0, "occlusion patch size in pixels (0: a quarter of the image)",
+                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("curve_steps", int, 20, "steps of the deletion/insertion curves",
+                check=lambda v: "must be >= 2" if v < 2 else None)
+    options.add("sanity", bool, True, "run the cascading-randomisation sanity check")
+    options.add("sanity_images", int, 8, "images used by the sanity check",
+                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("sanity_threshold", float, 0.5, "a method fails the sanity check if its maps still correlate "
+                "above this (Spearman) with the original after full randomisation",
+                check=lambda v: "must be in (-1, 1)" if not -1 < v < 1 else None)
+
+
+def _images(ctx, n: int):
+    xs, ys = [], []
+    for x, y in ctx.test_batches(n):
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    masks = ctx.data.test_masks[: len(y)].to(ctx.device) if ctx.data.test_masks is not None else None
+    return x, y, masks
+
+
+def _maps(model, methods, x, target, opts) -> dict[str, torch.Tensor]:
+    return {name: attribute(model, key, x, target, opts, stage) for name, key, stage in methods}
+
+
+@hookimpl
+def resinspect_analyze(ctx) -> Section:
+    opts = ctx.options(NAME)
+    s = Section(title="Attribution maps, scored", explanation=EXPLANATION)
+    model = ctx.model
+    was = model.training
+    model.eval()
+    try:
+        return _analyze(ctx, model, opts, s)
+    finally:
+        model.train(was)
+
+
+def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section:
+    x, y, masks = _images(ctx, opts["images"])
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    methods = method_names(model, opts["methods"])
+    maps = _maps(model, methods, x, pred, opts)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    random_map = torch.rand(maps[methods[0][0]].shape, generator=gen).to(x.device)
+    rows, scores = [], {}
+    for name, m in list(maps.items()) + [("random (baseline)", random_map)]:
+        _, _, d_auc, i_auc = deletion_insertion(model, x, pred, m, steps=opts["curve_steps"],
+                                                batch_size=opts["internal_batch_size"])
+        sc = {"deletion_auc": d_auc.mean().item(), "insertion_auc": i_auc.mean().item()}
+        if masks is not None:
+            sc["pointing_game"] = pointing_game(m, masks).mean().item()
+            sc["mask_share"] = mask_share(m, masks).mean().item()
+        scores[name] = sc
+        for k, v in sc.items():
+            s.metrics[f"{name}/{k}"] = v
+        rows.append([name] + [sc[k] for k in sc])
+    cols = ["method", "deletion AUC ↓", "insertion AUC ↑"] + (["pointing game ↑", "share in mask ↑"] if masks is not None
+                                                              else [])
+    s.table(f"Faithfulness{' and localisation' if masks is not None else ''} on {len(y)} test images "
+            f"(model accuracy on them {float((pred == y).float().mean()):.0%})", cols, rows,
+            caption="Deletion/insertion: area under the target-class probability curve as pixels are removed / "
+                    "revealed in attribution order. Pointing game: fraction of images whose top pixel is on the "
+                    "object; chance equals the object's area fraction, "
+                    + (f"{masks.float().mean():.2f} here." if masks is not None else "n/a."))
+    if masks is not None:
+        s.metrics["mask_area_fraction"] = masks.float().mean().item()
+    sanity = _sanity(ctx, model, methods, x, pred, maps, opts, s) if opts["sanity"] else None
+    _findings(s, scores, masks is not None, sanity, opts)
+    _grids(s, ctx, x, y, pred, maps)
+    return s
+
+
+def _randomisation_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """Cumulative re-initialisation order: the head first, then residual blocks from the output backwards."""
+    steps = []
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        steps.append((linears[-1][0], [linears[-1][1]]))
+    blocks = residual_blocks(model)
+    if blocks:
+        steps += [(b.name, [b.module]) for b in reversed(blocks)]
+    else:
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        steps += [(n, [m]) for n, m in reversed(convs)]
+    return steps
+
+
+def _reinit(modules: list[nn.Module], gen_seed: int) -> None:
+    torch.manual_seed(gen_seed)
+    for mod in modules:
+        for sub in mod.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.reset_running_stats()
+                with torch.no_grad():  # BN at its defaults would make random blocks near-identical; draw scales
+                    sub.weight.uniform_(0.5, 1.5) if sub.weight is not None else None
+
+
+def _sanity(ctx, model, methods, x, pred, maps, opts, s: Section) -> dict[str, list[float]]:
+    n = min(opts["sanity_images"], len(x))
+    xs, ts = x[:n], pred[:n]
+    originals = {name: m[:n] for name, m in maps.items()}
+    twin = copy.deepcopy(model).eval()
+    steps = _randomisation_steps(twin)
+    rho: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+    fresh_methods = method_names(twin, opts["methods"])
+    cpu_state = torch.random.get_rng_state()
+    try:
+        for i, (_, modules) in enumerate(steps):
+            _reinit(modules, ctx.seed + 1000 + i)
+            new = _maps(twin, fresh_methods, xs, ts, opts)
+            for name in rho:
+                rho[name].append(spearman(new[name].abs(), originals[name].abs()).mean().item())
+    finally:
+        torch.random.set_rng_state(cpu_state)
+    s.table("Sanity check: Spearman correlation with the original maps as layers are re-initialised",
+            ["method"] + [f"+{name}" for name, _ in steps],
+            [[name] + vals for name, vals in rho.items()],
+            caption="Cumulative, from the output backwards: each column re-initialises one more part. Maps that "
+                    "reflect the model decorrelate quickly.")
+    for name, vals in rho.items():
+        s.metrics[f"{name}/sanity_final_spearman"] = vals[-1]
+    _sanity_figure(s, steps, rho)
+    return rho
+
+
+def _findings(s: Section, scores, has_masks: bool, sanity, opts) -> None:
+    methods = {k: v for k, v in scores.items() if not k.startswith("random")}
+    rnd = scores["random (baseline)"]
+    best_del = min(methods, key=lambda k: methods[k]["deletion_auc"])
+    best_ins = max(methods, key=lambda k: methods[k]["insertion_auc"])
+    s.finding(f"Most faithful by deletion: {best_del} (AUC {methods[best_del]['deletion_auc']:.3f} vs "
+              f"{rnd['deletion_auc']:.3f} for a random order); by insertion: {best_ins} "
+              f"(AUC {methods[best_ins]['insertion_auc']:.3f} vs {rnd['insertion_auc']:.3f}).", "good")
+    worse = [k for k, v in methods.items() if v["deletion_auc"] >= rnd["deletion_auc"]]
+    if worse:
+        s.finding(f"No better than a random pixel order on deletion: {', '.join(worse)}.", "warning")
+    if has_masks:
+        best_loc = max(methods, key=lambda k: (methods[k]["pointing_game"], methods[k]["mask_share"]))
+        s.finding(f"Best localised on the shapes masks: {best_loc} (pointing game "
+                  f"{methods[best_loc]['pointing_game']:.0%}, {methods[best_loc]['mask_share']:.0%} of positive "
+                  f"attribution inside the object; a random map: {rnd['pointing_game']:.0%}, "
+                  f"{rnd['mask_share']:.0%}).", "good")
+    if sanity:
+        failed = [k for k, v in sanity.items() if v[-1] > opts["sanity_threshold"]]
+        passed = [k for k in sanity if k not in failed]
+        if failed:
+            s.finding("Fails the sanity check (maps still correlate > "
+                      f"{opts['sanity_threshold']:g} with the original after the whole network was re-initialised, "
+                      "so they do not reflect what the model learned): "
+                      + ", ".join(f"{k} (ρ = {sanity[k][-1]:.2f})" for k in failed) + ".", "warning")
+        if passed:
+            s.finding("Passes the sanity check (maps decorrelate as the model is randomised): "
+                      + ", ".join(f"{k} (ρ = {sanity[k][-1]:.2f})" for k in passed) + ".", "good")
+
+
+def _show(img: torch.Tensor) -> np.ndarray:
+    a = img.detach().cpu().float()
+    a = (a - a.min()) / (a.max() - a.min() + 1e-12)
+    return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
+
+
+def _grids(s: Section, ctx, x, y, pred, maps) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = []
+    for c in range(ctx.data.num_classes):
+        idx = (y == c).nonzero()
+        if len(idx):
+            picks.append(int(idx[0]))
+    picks = picks[:10]
+    names = ctx.data.class_names
+    for name, m in maps.items():
+        fig, axes = plt.subplots(3, len(picks), figsize=(1.4 * len(picks) + 0.6, 4.6), squeeze=False)
+        for j, i in enumerate(picks):
+            img = _show(x[i])
+            heat = m[i].detach().cpu().abs().numpy()
+            cmap = "gray" if img.ndim == 2 else None
+            axes[0, j].imshow(img, cmap=cmap)
+            axes[1, j].imshow(heat, cmap="inferno")
+            axes[2, j].imshow(img, cmap=cmap)
+            axes[2, j].imshow(heat, cmap="inferno", alpha=0.55)
+            ok = "✓" if pred[i] == y[i] else "✗"
+            axes[0, j].set_title(f"{names[int(y[i])]}→{names[int(pred[i])]} {ok}", fontsize=7)
+            for r in range(3):
+                axes[r, j].axis("off")
+        for r, label in enumerate(("input", "map", "overlay")):
+            axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center",
+                            ha="right", fontsize=8)
+        fig.suptitle(name, fontsize=10)
+        s.figure(fig, f"Attribution maps: {name}", "One test image per class (true → predicted label); rows: input, "
+                 "|attribution|, overlay.")
+
+
+def _sanity_figure(s: Section, steps, rho) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(steps) + 3), 3.6))
+    for name, vals in rho.items():
+        ax.plot(range(1, len(vals) + 1), vals, marker="o", ms=3, label=name)
+    ax.set_xticks(range(1, len(steps) + 1), [n for n, _ in steps], rotation=70, fontsize=7)
+    ax.set(ylabel="Spearman ρ with original", ylim=(-0.2, 1.05),
+           title="Cascading randomisation (Adebayo et al. 2018)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    s.figure(fig, "Sanity check", "Rank correlation between each method's maps and the original maps, as the "
+             "head and then residual blocks (output → input) are re-initialised cumulatively.")
