@@ -289,6 +289,14 @@ def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) ->
         pkey = "plain_median_cost_bn_points" if key.endswith("bn_points") else "plain_median_cost_points"
         how = " (BatchNorm re-estimated)" if key.endswith("bn_points") else ""
         res_med, plain_med = m[key], plain["metrics"][pkey]
+        chance = 1.0 / max(2, ctx.data.num_classes)
+        if plain["clean"].accuracy < 2 * chance:
+            section.finding(
+                f"Residual vs plain: the plain twin {ctx.twin_name} barely learned ({plain['clean'].accuracy:.1%} "
+                f"test accuracy, chance {chance:.0%}) while {ctx.model_name} reached {clean.accuracy:.1%}: the "
+                "degradation problem itself. With so little learned, removing its layers has little left to "
+                f"destroy (median cost {plain_med:.1f} points), so the lesion comparison says little here.", "warning")
+            return
         section.finding(
             f"Residual vs plain{how}: bypassing one block of {ctx.model_name} costs a median {res_med:.1f} points, "
             f"removing the same layer pair from its plain twin {ctx.twin_name} costs a median {plain_med:.1f} points "

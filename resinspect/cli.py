@@ -122,7 +122,7 @@ def main() -> None:
 @main.command("run")
 @_run_options
 @click.option("--plugins", "-p", help="Comma-separated plugins to run (names from `resinspect plugins`, module "
-              "paths or .py files). Default: summary,activations,gradflow,weights,ablation (those installed).")
+              "paths or .py files). Default: summary,activations,gradflow,weights,ablation,attribution.")
 @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
               help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).")
 @click.pass_context
@@ -225,6 +225,18 @@ def report_cmd(run_dir: str) -> None:
     from .rundir import render_run
 
     click.echo(f"wrote {render_run(Path(run_dir))}")
+
+
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "parent", default=".", type=click.Path(file_okay=False), help="Where to create the package.")
+@_friendly
+def new_plugin_cmd(name: str, parent: str) -> None:
+    """Write a working plugin package NAME: module, pyproject with the entry point, a passing test."""
+    from .scaffold import new_plugin
+
+    root = new_plugin(name, parent)
+    click.echo(f"created {root}: pip install {root} && resinspect run --plugins {name}")
 
 
 if __name__ == "__main__":  # pragma: no cover
