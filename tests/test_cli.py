@@ -109,3 +109,38 @@ def test_failed_plugin_gives_nonzero_exit(cli, tmp_path):
 def test_report_of_a_non_run_dir(cli, tmp_path):
     result = cli.invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "results.json: no such file" in result.output
+
+
+def test_default_run_uses_resnet20_on_digits_and_every_default_plugin(cli, tmp_path, monkeypatch):
+    """The README's first command: no arguments (here only -q, and run inside a temporary folder)."""
+    from resinspect.plugins import DEFAULT_PLUGINS
+
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(main, ["run", "-q"])
+    assert result.exit_code == 0, result.output
+    runs = list((tmp_path / "reports").iterdir())
+    assert len(runs) == 1 and runs[0].name.endswith("-resnet20-digits")
+    stored = json.loads((runs[0] / "results.json").read_text())
+    assert stored["status"] == "complete" and stored["config"]["epochs"] == 8
+    assert list(stored["plugins"]) == list(DEFAULT_PLUGINS)
+    assert stored["training"]["model"]["epochs"][-1]["test_accuracy"] > 0.9
+    assert stored["run"]["seconds"] < 180
+
+
+def test_train_seed34_on_local_mnist_files(cli, tmp_path):
+    from test_data import _idx
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (16, 28, 28)))
+    _idx(raw / "train-labels-idx1-ubyte", np.arange(16) % 10)
+    _idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (8, 28, 28)))
+    _idx(raw / "t10k-labels-idx1-ubyte", np.arange(8) % 10)
+    result = cli.invoke(main, ["train", "--model", "seed34", "--data", "mnist", "--data-root", str(tmp_path),
+                               "--epochs", "1", "--batch-size", "8", "-q", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    import torch
+    payload = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
+    assert payload["arch"] == "seed34" and payload["arch_kwargs"]["image_size"] == 28
