@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resinspect.anatomy import bypass, drop_skip
+from resinspect.anatomy import bypass, drop_skip, forwards_replaced
 
-__all__ = ["Lesion", "LesionStats", "lesion_sweep", "identity_replaced"]
+__all__ = ["Lesion", "LesionStats", "lesion_sweep", "identity_replaced", "applied_lesion"]
 
 
 @dataclass(frozen=True)
@@ -66,46 +66,22 @@ class _Sums:
         return [LesionStats(self.count, int(c), float(s)) for c, s in zip(self.correct.tolist(), self.loss.tolist())]
 
 
-@contextmanager
-def identity_replaced(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Temporarily make each module return its input unchanged."""
-    saved = []
-    try:
-        for m in modules:
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = _identity
-        yield
-    finally:
-        for m, previous in reversed(saved):
-            if previous is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous
+def identity_replaced(modules: Sequence[nn.Module]):
+    """Context manager: each module returns its input unchanged."""
+    return forwards_replaced((m, _identity) for m in modules)
 
 
 def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x
 
 
-@contextmanager
-def _replaying(modules: Sequence[nn.Module], outputs: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Each module returns its cached output instead of computing it."""
-    saved = []
-    try:
-        for m, out in zip(modules, outputs):
-            saved.append((m, m.__dict__.get("forward")))
-            m.forward = (lambda *a, _out=out, **k: _out)
-        yield
-    finally:
-        for m, previous in reversed(saved):
-            if previous is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous
+def _replaying(modules: Sequence[nn.Module], outputs: Sequence[torch.Tensor]):
+    """Context manager: each module returns its cached output instead of computing it."""
+    return forwards_replaced((m, (lambda *a, _out=out, **k: _out)) for m, out in zip(modules, outputs))
 
 
 @contextmanager
-def _applied(model: nn.Module, blocks: Sequence, lesion: Lesion) -> Iterator[None]:
+def applied_lesion(model: nn.Module, blocks: Sequence, lesion: Lesion) -> Iterator[None]:
     chosen = [blocks[i] for i in lesion.blocks]
     if lesion.mode == "bypass":
         with bypass(model, chosen):
@@ -156,7 +132,7 @@ def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                 if fast and lesion.blocks:
                     first = min(lesion.blocks)
                     stack.enter_context(_replaying(modules[:first], cache[:first]))
-                stack.enter_context(_applied(model, blocks, lesion))
+                stack.enter_context(applied_lesion(model, blocks, lesion))
                 sums.add(i, model(x), y)
         sums.count += len(y)
         clean_sums.count += len(y)

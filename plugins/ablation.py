@@ -17,7 +17,7 @@ from torch import nn
 
 from resinspect import Section, hookimpl
 from resinspect.anatomy import residual_blocks
-from resinspect_plugins._lesion import Lesion, LesionStats, _applied, lesion_sweep
+from resinspect_plugins._lesion import Lesion, LesionStats, applied_lesion, lesion_sweep
 
 NAME = "ablation"
 
@@ -82,7 +82,7 @@ def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
     train = list(ctx.train_batches(opts["bn_batches"]))
     stats = []
     for lesion in lesions:
-        with _applied(model, blocks, lesion), _recalibrated(model, train):
+        with applied_lesion(model, blocks, lesion), _recalibrated(model, train):
             stats.append(lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())],
                                       fast=False)[1][0])
     return stats

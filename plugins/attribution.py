@@ -77,7 +77,7 @@ def _maps(model, methods, x, target, opts) -> dict[str, torch.Tensor]:
 @hookimpl
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
-    s = Section(title="Attribution maps, scored", explanation=EXPLANATION)
+    s = Section(title="Attribution maps, scored", explanation=EXPLANATION, docs="explainer-sanity")
     model = ctx.model
     was = model.training
     model.eval()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, StashKey, hookimpl
-from resinspect.anatomy import residual_blocks
+from resinspect.anatomy import replace_forward, residual_blocks, restore_forwards
 
 NAME = "gradflow"
 _CAPACITY = 256
@@ -90,15 +90,10 @@ class GradRecorder:
         self.tap = True
         for j, b in enumerate(blocks):
             original = b.module.__dict__.get("forward") or types.MethodType(type(b.module).forward, b.module)
-            self._saved.append((b.module, b.module.__dict__.get("forward")))
-            b.module.forward = self._tapped(b.variant("split"), original, j)
+            self._saved.append(replace_forward(b.module, self._tapped(b.variant("split"), original, j)))
 
     def detach(self) -> None:
-        for module, previous in reversed(self._saved):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+        restore_forwards(self._saved)
         self._saved.clear()
 
     def _tapped(self, split: nn.Module, original: Any, j: int):

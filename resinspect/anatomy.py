@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["ResidualBlock", "residual_blocks", "bypass", "drop_skip", "NoResidualBlocks", "require_blocks"]
+__all__ = ["ResidualBlock", "residual_blocks", "bypass", "drop_skip", "NoResidualBlocks", "require_blocks",
+           "forwards_replaced", "replace_forward", "restore_forwards"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -257,21 +258,39 @@ def _resolve(model: nn.Module, blocks: Iterable[ResidualBlock | str] | ResidualB
     return blocks
 
 
+def replace_forward(module: nn.Module, forward: Callable) -> tuple[nn.Module, object]:
+    """Make ``module`` call ``forward`` instead of its own; returns what :func:`restore_forwards` needs."""
+    saved = (module, module.__dict__.get("forward", _MISSING))
+    module.forward = forward
+    return saved
+
+
+def restore_forwards(saved: Sequence[tuple[nn.Module, object]]) -> None:
+    """Undo :func:`replace_forward` calls, last first, leaving no trace on the modules."""
+    for module, previous in reversed(saved):
+        if previous is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+
+
+@contextmanager
+def forwards_replaced(replacements: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Context manager: each ``(module, forward)`` pair swapped in, all restored on exit (also after an error)."""
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for module, forward in replacements:
+            saved.append(replace_forward(module, forward))
+        yield
+    finally:
+        restore_forwards(saved)
+
+
 @contextmanager
 def _switched(model: nn.Module, blocks, mode: str) -> Iterator[list[ResidualBlock]]:
     resolved = _resolve(model, blocks)
-    saved: list[tuple[nn.Module, object]] = []
-    try:
-        for b in resolved:
-            saved.append((b.module, b.module.__dict__.get("forward", _MISSING)))
-            b.module.forward = b.variant(mode).forward
+    with forwards_replaced((b.module, b.variant(mode).forward) for b in resolved):
         yield resolved
-    finally:
-        for module, previous in reversed(saved):
-            if previous is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
 
 
 def bypass(model: nn.Module, blocks: Sequence[ResidualBlock | str] | ResidualBlock | str):
@@ -294,5 +313,3 @@ def block_table(blocks: Sequence[ResidualBlock]) -> list[dict[str, object]]:
              "shortcut": b.shortcut_kind, "parameters": b.parameters_count(),
              "branch": b.branch_modules} for b in blocks]
 
-
-Switch = Callable[[nn.Module, Sequence[ResidualBlock | str]], object]

@@ -5,7 +5,7 @@ The long version is docs/residual-learning.md.
 """
 
 ANCHORS = ("explainer-residual", "explainer-gradient", "explainer-paths", "explainer-degradation",
-           "explainer-responses")
+           "explainer-responses", "explainer-sanity")
 
 EXPLAINER_HTML = """
 <p id="explainer-residual"><strong>The residual block.</strong> A block computes
@@ -55,4 +55,11 @@ comparison isolates what the shortcuts do.</p>
 rather than replacing it (He et al. 2016, Fig. 7). A block whose
 <math><mo>‖</mo><mi>F</mi><mo>(</mo><mi>x</mi><mo>)</mo><mo>‖</mo><mo>/</mo><mo>‖</mo><mi>x</mi><mo>‖</mo></math>
 is near zero is close to the identity.</p>
+
+<p id="explainer-sanity"><strong>Trusting attribution maps.</strong> A saliency map should depend on what the
+model learned. Adebayo et al. (2018) re-initialise a network's layers from the output backwards and find
+that some methods produce nearly the same maps for a random network, like an edge detector of the input.
+Faithfulness tests (delete the most-attributed pixels first: does the prediction collapse?) and, where
+object masks are known, localisation tests complete the picture. The long version of this explainer is
+<code>docs/residual-learning.md</code>.</p>
 """
