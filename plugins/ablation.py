@@ -34,7 +34,8 @@ crosses them. A plain network has a single path: removing any layer pair breaks 
 at once shows how the damage grows with k: smoothly for an ensemble, as a cliff for a chain.
 
 Optionally BatchNorm statistics are re-estimated after each lesion (option bn_recalibrate), which separates \
-"the block mattered" from "the following layers' statistics shifted"."""
+"the block mattered" from "the following layers' statistics shifted". The long version of the \
+ensemble-of-paths argument is docs/residual-learning.md, section "An ensemble of paths"."""
 
 
 @hookimpl
