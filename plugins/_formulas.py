@@ -67,7 +67,7 @@ def _check_layer(kind: str, module: nn.Module, x: torch.Tensor, gen: torch.Gener
     x = x.detach().clone().requires_grad_(True)
     module.train(kind == "batchnorm")  # BN: the batch-statistics formula
     y = module(x.clone())  # a clone, so that in-place modules (ReLU(inplace=True)) leave x intact
-    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)  # a CPU generator: same numbers on any device
     params = {n: p for n, p in module.named_parameters(recurse=False)}
     auto = torch.autograd.grad(y, [x, *params.values()], dy, allow_unused=True)
     auto_dx, auto_p = auto[0], dict(zip(params, auto[1:]))
@@ -172,7 +172,7 @@ def _check_residual(block, x: torch.Tensor, gen: torch.Generator) -> float:
     fresh = type(block)(block.name, module, *_graph_parts(block))
     x = x.detach().clone().requires_grad_(True)
     y = module(x.clone())
-    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)  # a CPU generator: same numbers on any device
     (auto_dx,) = torch.autograd.grad(y, x, dy)
     xb, xs = x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
     y2 = fresh.variant("split")(xb, xs)

@@ -22,7 +22,7 @@ from . import __version__
 from .anatomy import block_table, residual_blocks
 from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
-from .errors import ResinspectError, TrainingDiverged
+from .errors import CheckpointError, ResinspectError, TrainingDiverged
 from .models import build_model, load_checkpoint, save_checkpoint, twin_name
 from .plugins import DEFAULT_PLUGINS, PluginHost
 from .rundir import SCHEMA_VERSION, dump_toml, new_run_dir, read_config_file, results_json, save_results, write_atomic
@@ -263,6 +263,13 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     elif s.checkpoint:
         net, payload = load_checkpoint(s.checkpoint, allow_factory=s.model if ":" in s.model else None)
         model_label = payload["arch"]
+        saved = payload["arch_kwargs"]
+        for key in ("in_channels", "num_classes"):
+            if key in saved and saved[key] != arch_kwargs[key]:
+                raise CheckpointError(
+                    f"checkpoint {s.checkpoint}: the model was built for {saved.get('in_channels')} input channel(s) "
+                    f"and {saved.get('num_classes')} classes (dataset {payload.get('dataset', {}).get('name', '?')}); "
+                    f"dataset '{bundle.name}' has {bundle.in_channels} channel(s) and {bundle.num_classes} classes")
         s.model = model_label
     else:
         torch.manual_seed(s.seed)

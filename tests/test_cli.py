@@ -144,3 +144,13 @@ def test_train_seed34_on_local_mnist_files(cli, tmp_path):
     import torch
     payload = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
     assert payload["arch"] == "seed34" and payload["arch_kwargs"]["image_size"] == 28
+
+
+def test_checkpoint_for_another_dataset_is_refused(cli, tmp_path):
+    out = tmp_path / "digits"
+    assert cli.invoke(main, ["train", "--out", str(out)] + FAST).exit_code == 0
+    result = cli.invoke(main, ["run", "--checkpoint", str(out / "model.pt"), "--data", "shapes", "--data-arg",
+                               "size=16", "--plugins", "summary", "--out", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 1
+    assert f"checkpoint {out / 'model.pt'}: the model was built for 1 input channel(s) and 10 classes" in result.output
+    assert "dataset 'shapes' has 3 channel(s) and 5 classes" in result.output

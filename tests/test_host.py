@@ -192,3 +192,20 @@ def test_html_escapes_every_plugin_string(tmp_path, data):
     html = (tmp_path / "r" / "index.html").read_text()
     assert "<script>" not in html and "<img src=x" not in html and "<b>t</b>" not in html
     assert "&lt;script&gt;alert(&#39;finding&#39;)&lt;/script&gt;" in html
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[run\nmodel = 1", "run.toml: not valid TOML"),
+    ("[run]\nmodle = 'resnet20'\n", r"run.toml: unknown key\(s\) in \[run\]: modle"),
+    ("[train]\nlearning_rate = 0.1\n", r"run.toml: unknown key\(s\) in \[train\]: learning_rate"),
+    ("[counter]\nscale = 'big'\n", "counter.scale: 'big' is not a valid float"),
+])
+def test_bad_config_files_name_the_file_and_the_problem(tmp_path, data, text, match):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(text)
+    with pytest.raises((ResinspectError, OptionError), match=match):
+        resinspect.run(data=data, plugins=["counter"], config=cfg, out=tmp_path / "r",
+                       host=host_with(counter=Counter()))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ResinspectError, match="nope.toml: no such file"):
+        resinspect.run(data=data, config=tmp_path / "nope.toml", out=tmp_path / "r")
