@@ -95,6 +95,15 @@ def _settings(kw: dict[str, Any]):
     return s
 
 
+def _cli_value(value: Any) -> str:
+    """A default as it would be typed after -o: true/false, comma-separated lists."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def _print_summary(result: Any) -> None:
     click.echo("")
     for name, secs in result.sections.items():
@@ -193,8 +202,10 @@ def plugins_cmd(as_json: bool) -> None:
         if p["load_error"]:
             click.secho(f"  BROKEN: {p['load_error']}", fg="red")
         for o in p["options"]:
-            choices = f" [{', '.join(map(str, o['choices']))}]" if o["choices"] else ""
-            click.echo(f"    -o {p['name']}.{o['name']}={o['default']!r:<10} {o['type']}{choices}: {o['help']}")
+            which = "one or more of" if o["type"] == "list" else "one of"
+            choices = f"; {which} {', '.join(map(str, o['choices']))}" if o["choices"] else ""
+            setting = f"-o {p['name']}.{o['name']}={_cli_value(o['default'])}"
+            click.echo(f"    {setting}\n        ({o['type']}{choices}) {o['help']}")
 
 
 @main.command("models")

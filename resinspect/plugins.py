@@ -59,8 +59,9 @@ class PluginFailure:
 
 
 def _describe(obj: Any) -> str:
+    """The docstring's first paragraph, on one line."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0].strip() if doc else ""
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""
 
 
 def discover_entry_points() -> dict[str, PluginInfo]:
