@@ -21,7 +21,7 @@ from resinspect import Section, StashKey, hookimpl
 from resinspect.anatomy import replace_forward, residual_blocks, restore_forwards
 
 NAME = "gradflow"
-_CAPACITY = 256
+_CAPACITY = 256  # rows kept on the device before one transfer to the host
 # per-block columns: gradient at the block output, skip part and branch part of the input gradient, total
 _OUT, _SKIP, _BRANCH, _TOTAL = range(4)
 
@@ -73,6 +73,7 @@ class GradRecorder:
     param_chunks: list[np.ndarray] = field(default_factory=list)
     block_chunks: list[np.ndarray] = field(default_factory=list)
     active: bool = True
+    written: int = 0
     _saved: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
     def attach(self, device: torch.device) -> None:
@@ -154,12 +155,22 @@ class GradRecorder:
         self.rows = 0
         return p, b
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(param stats [records, 3, params], block stats [block records, blocks, 4])``."""
+    def _all_rows(self) -> tuple[np.ndarray, np.ndarray]:
         self.flush()
         p = np.concatenate(self.param_chunks) if self.param_chunks else np.zeros((0, 3, len(self.params)))
         b = np.concatenate(self.block_chunks) if self.block_chunks else np.zeros((0, len(self.block_names), 4))
+        return p, b
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(param stats [records, 3, params], block stats [block records, blocks, 4])``."""
+        p, b = self._all_rows()
         return p, b[self.block_rows]
+
+    def unwritten(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """Rows recorded since the last call (``first row index, params, blocks``), e.g. for TensorBoard."""
+        p, b = self._all_rows()
+        start, self.written = self.written, len(p)
+        return start, p[start:], b[start:]
 
 
 def _state(ctx) -> dict[str, GradRecorder]:
@@ -184,8 +195,7 @@ def resinspect_epoch_end(ctx, epoch):
     rec = _state(ctx).get(epoch.role)
     if rec is None:
         return
-    start = len(rec.steps) - rec.rows
-    params, blocks = rec.flush()
+    start, params, blocks = rec.unwritten()
     tapped = set(rec.block_rows)
     if ctx.writer is None or not ctx.options(NAME)["tensorboard"]:
         return

@@ -195,3 +195,17 @@ def test_no_hooks_left_when_training_diverges(tmp_path, data):
                             optimizer="sgd", device="cpu", out=tmp_path / "r")
     assert result.status == "failed"
     assert hook_count(model) == 0 and overridden_forwards(model) == []
+
+
+def test_rows_flushed_mid_epoch_still_reach_tensorboard(tmp_path, data, monkeypatch):
+    """More recorded steps than the device buffer holds: every step must still be logged once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(gradflow, "_CAPACITY", 3)
+    result = resinspect.run(model=UserResNet(), data=data, plugins=["gradflow"], epochs=2, batch_size=16,
+                            device="cpu", out=tmp_path / "r")
+    assert result.status == "complete"
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("gradflow/model/grad_norm/stem.weight")]
+    assert steps == list(range(16))  # 2 epochs x 8 steps
