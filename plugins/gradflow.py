@@ -55,7 +55,9 @@ def resinspect_addoptions(options):
                 "fraction of the median layer's", check=lambda v: "must be > 0" if v <= 0 else None)
     options.add("explode_ratio", float, 1e3, "a layer explodes at a step when its gradient norm is above this "
                 "multiple of the median layer's", check=lambda v: "must be > 1" if v <= 1 else None)
-    options.add("tensorboard", bool, True, "write per-layer gradient-norm scalars to TensorBoard")
+    options.add("tensorboard_every", int, 5, "write per-layer gradient norms to TensorBoard for every k-th recorded "
+                "step (0: no TensorBoard scalars; branch/skip ratios follow block_every)",
+                check=lambda v: "must be >= 0" if v < 0 else None)
 
 
 @dataclass
@@ -126,7 +128,7 @@ class GradRecorder:
             if grads:
                 l2 = torch.stack(torch._foreach_norm(grads, 2))
                 l1 = torch.stack(torch._foreach_norm(grads, 1))
-                linf = torch.stack(torch._foreach_norm(grads, float("inf")))
+                linf = torch.stack(_foreach_absmax(grads))
                 self.param_buf[self.rows] = torch.stack([l2, l1 / self._numel(l1.device), linf])
             if self.tap and self.block_names:
                 self.block_buf[self.rows] = torch.stack(self.pending).view(-1, 4)
@@ -173,6 +175,13 @@ class GradRecorder:
         return start, p[start:], b[start:]
 
 
+def _foreach_absmax(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """max |t| of each tensor; ``_foreach_max`` of ``_foreach_abs`` is several times faster than the inf-norm."""
+    if hasattr(torch, "_foreach_max"):
+        return list(torch._foreach_max(torch._foreach_abs(tensors)))
+    return list(torch._foreach_norm(tensors, float("inf")))
+
+
 def _state(ctx) -> dict[str, GradRecorder]:
     return ctx.stash.setdefault(KEY, {})
 
@@ -197,13 +206,15 @@ def resinspect_epoch_end(ctx, epoch):
         return
     start, params, blocks = rec.unwritten()
     tapped = set(rec.block_rows)
-    if ctx.writer is None or not ctx.options(NAME)["tensorboard"]:
+    every = ctx.options(NAME)["tensorboard_every"]
+    if ctx.writer is None or not every:
         return
     weight_idx = [i for i, p in enumerate(rec.params) if p.dim() > 1]
     for r in range(len(params)):
         step = rec.steps[start + r]
-        for i in weight_idx:
-            ctx.writer.add_scalar(f"{NAME}/{rec.role}/grad_norm/{rec.names[i]}", float(params[r, 0, i]), step)
+        if (start + r) % every == 0:
+            for i in weight_idx:
+                ctx.writer.add_scalar(f"{NAME}/{rec.role}/grad_norm/{rec.names[i]}", float(params[r, 0, i]), step)
         for j, name in enumerate(rec.block_names if start + r in tapped else []):
             skip = blocks[r, j, _SKIP]
             if skip > 0:
@@ -303,7 +314,7 @@ def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -
     for j, name in enumerate(rec.block_names):
         med = float(np.nanmedian(ratio[:, j])) if np.isfinite(ratio[:, j]).any() else float("nan")
         medians.append(med)
-        s.metrics[f"{role}/branch_skip_ratio/{name}"] = med
+        s.metrics[f"{role}/median_branch_skip_ratio/{name}"] = med
         rows.append([name, float(np.median(blocks[:, j, _OUT])), float(np.median(skip[:, j])),
                      float(np.median(branch[:, j])), float(np.median(blocks[:, j, _TOTAL])), med,
                      float(ratio[-1, j])])

@@ -117,7 +117,7 @@ def test_tensorboard_histograms_and_scalars_read_back(tmp_path, data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = resinspect.run(model="resnet20", data=data, plugins=["gradflow", "weights"], epochs=2, device="cpu",
-                            out=tmp_path / "r")
+                            out=tmp_path / "r", options={"gradflow": {"tensorboard_every": 1}})
     assert result.status == "complete"
     acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
@@ -158,7 +158,7 @@ def test_both_plugins_on_every_kind_of_model(model, tmp_path, data):
     gf = run_plugin("gradflow", model=UserResNet() if model == "user" else model, data=data, epochs=1,
                     out=tmp_path / "again")
     n_blocks = {"resnet20": 9, "plain20": 0, "torchvision:resnet18": 8, "user": 3}[model]
-    assert sum(k.startswith("model/branch_skip_ratio/") for k in gf.metrics) == n_blocks
+    assert sum(k.startswith("model/median_branch_skip_ratio/") for k in gf.metrics) == n_blocks
 
 
 def test_twin_comparison(tmp_path, data):
@@ -203,9 +203,11 @@ def test_rows_flushed_mid_epoch_still_reach_tensorboard(tmp_path, data, monkeypa
 
     monkeypatch.setattr(gradflow, "_CAPACITY", 3)
     result = resinspect.run(model=UserResNet(), data=data, plugins=["gradflow"], epochs=2, batch_size=16,
-                            device="cpu", out=tmp_path / "r")
+                            device="cpu", out=tmp_path / "r", options={"gradflow": {"tensorboard_every": 2}})
     assert result.status == "complete"
     acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     steps = [e.step for e in acc.Scalars("gradflow/model/grad_norm/stem.weight")]
-    assert steps == list(range(16))  # 2 epochs x 8 steps
+    assert steps == list(range(0, 16, 2))  # 2 epochs x 8 steps, every second one
+    ratios = [e.step for e in acc.Scalars("gradflow/model/branch_skip_ratio/body.0")]
+    assert ratios == list(range(0, 16, 5))  # the skip/branch split runs every 5th recorded step
