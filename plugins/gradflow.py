@@ -267,10 +267,15 @@ def resinspect_analyze(ctx) -> Section:
             _block_stats(s, role, rec, blocks)
     if "twin" in data and "model/first_last_ratio_median" in s.metrics and "twin/first_last_ratio_median" in s.metrics:
         r, p = s.metrics["model/first_last_ratio_median"], s.metrics["twin/first_last_ratio_median"]
+        # a ratio near 1 means the first and last layers get gradients of the same size
+        balanced = abs(np.log10(max(r, 1e-30))) < abs(np.log10(max(p, 1e-30)))
         s.finding(f"Residual vs plain: the first layer's gradient norm is {r:.3g}× the last layer's in "
                   f"{ctx.model_name} and {p:.3g}× in its plain twin {ctx.twin_name} (median over training; at "
                   f"initialisation {s.metrics['model/first_last_ratio_init']:.3g}× vs "
-                  f"{s.metrics['twin/first_last_ratio_init']:.3g}×).", "good" if r > p else "info")
+                  f"{s.metrics['twin/first_last_ratio_init']:.3g}×): the gradient is "
+                  + ("more evenly spread over depth with shortcuts." if balanced else
+                     "not more evenly spread over depth with shortcuts here."),
+                  "good" if balanced else "info")
     elif "model/first_last_ratio_median" in s.metrics:
         s.finding(f"The first layer's gradient norm is {s.metrics['model/first_last_ratio_median']:.3g}× the last "
                   "layer's (median over training).", "info")
