@@ -15,6 +15,7 @@ from torch import nn
 
 from resinspect import Section
 from resinspect.anatomy import residual_blocks
+from resinspect.training import eval_mode
 
 FORMULAS = {
     "conv": "Convolution Y = W ⋆ X + b, written as Y = W·unfold(X) + b: ∂L/∂W = Σₙ ∂L/∂Yₙ · unfold(Xₙ)ᵀ, "
@@ -108,12 +109,10 @@ def _capture_inputs(model: nn.Module, modules: dict[str, nn.Module], x: torch.Te
 
     # pre-hooks: the input before the module runs (an in-place ReLU overwrites it)
     handles = [m.register_forward_pre_hook(lambda mod, i, n=n: keep_first_input(n, i)) for n, m in modules.items()]
-    was = model.training
-    model.eval()
     try:
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return seen
@@ -169,7 +168,7 @@ def check_model_formulas(ctx) -> Section:
 def _check_residual(block, x: torch.Tensor, gen: torch.Generator) -> float:
     """dL/dx of the whole block by autograd vs the sum of the skip and branch parts computed separately."""
     module = copy.deepcopy(block.module).double().eval()
-    fresh = type(block)(block.name, module, *_graph_parts(block))
+    fresh = residual_blocks(module)[0]  # the copy is itself the (only, root) block
     x = x.detach().clone().requires_grad_(True)
     y = module(x.clone())
     dy = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)  # a CPU generator: same numbers on any device
@@ -179,6 +178,3 @@ def _check_residual(block, x: torch.Tensor, gen: torch.Generator) -> float:
     gb, gs = torch.autograd.grad(y2, [xb, xs], dy)
     return (gb + gs - auto_dx).abs().max().item()
 
-
-def _graph_parts(block):
-    return block._graph, block._add, block._branch, block._shortcut, block.shortcut_kind

@@ -17,6 +17,7 @@ from torch import nn
 
 from resinspect import Section, hookimpl
 from resinspect.anatomy import residual_blocks
+from resinspect.training import eval_mode
 from resinspect_plugins._lesion import Lesion, LesionStats, applied_lesion, lesion_sweep
 
 NAME = "ablation"
@@ -129,12 +130,8 @@ def resinspect_analyze(ctx) -> Section:
                         "forward that never adds a module's input to a branch).", "info")
         section.metrics["blocks"] = 0
         return section
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _analyze(ctx, model, blocks, opts, section)
-    finally:
-        model.train(was_training)
 
 
 def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
@@ -221,9 +218,7 @@ def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
     if ctx.twin is None:
         return None
     twin = ctx.twin
-    was = twin.training
-    twin.eval()
-    try:
+    with eval_mode(twin):
         probe = next(ctx.test_batches(2))[0]
         pairs = _plain_layer_pairs(twin, [b.name for b in blocks], probe)
         if not pairs:
@@ -234,8 +229,6 @@ def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
         recal = None
         if opts["bn_recalibrate"] and _has_batchnorm(twin):
             recal = _recalibrated_sweep(ctx, twin, mods, lesions, opts)
-    finally:
-        twin.train(was)
     rows, metrics = [], {"plain_clean_accuracy": clean.accuracy}
     for i, ((name, _), s) in enumerate(zip(pairs, stats)):
         rows.append([name, s.accuracy, _cost(clean, s)] + ([_cost(clean, recal[i])] if recal else []))

@@ -14,6 +14,7 @@ from torch import nn
 
 from resinspect import Section, hookimpl
 from resinspect.anatomy import residual_blocks
+from resinspect.training import eval_mode
 
 NAME = "activations"
 
@@ -166,12 +167,8 @@ def collect(model: nn.Module, batches, with_blocks: bool = True) -> Stats:
 
 
 def _collect_eval(ctx, model: nn.Module, limit: int) -> Stats:
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return collect(model, ctx.test_batches(limit))
-    finally:
-        model.train(was)
 
 
 def _at_init(ctx, role: str, model: nn.Module, limit: int) -> Stats | None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from resinspect import Section, hookimpl
 from resinspect.anatomy import residual_blocks
+from resinspect.training import eval_mode
 from resinspect_plugins._attribution_methods import METHODS, attribute, method_names
 from resinspect_plugins._attribution_scores import deletion_insertion, mask_share, pointing_game, spearman
 
@@ -78,13 +79,8 @@ def _maps(model, methods, x, target, opts) -> dict[str, torch.Tensor]:
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Attribution maps, scored", explanation=EXPLANATION, docs="explainer-sanity")
-    model = ctx.model
-    was = model.training
-    model.eval()
-    try:
-        return _analyze(ctx, model, opts, s)
-    finally:
-        model.train(was)
+    with eval_mode(ctx.model):
+        return _analyze(ctx, ctx.model, opts, s)
 
 
 def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section:

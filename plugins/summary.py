@@ -15,6 +15,7 @@ from torch import nn
 
 from resinspect import Section, hookimpl
 from resinspect.anatomy import residual_blocks
+from resinspect.training import eval_mode
 
 NAME = "summary"
 
@@ -62,13 +63,12 @@ def receptive_fields(model: nn.Module, stages: dict[str, nn.Module], in_channels
     """Measured receptive field (pixels, one side) of each stage's output at the centre position."""
     outputs: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n, m in stages.items()]
-    was = model.training
-    model.eval()
     fields = {}
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(4, in_channels, size, size, generator=gen).to(device).requires_grad_(True)
-        model(x)
+        with eval_mode(model):
+            model(x)
         for name, out in outputs.items():
             if out.dim() != 4:
                 continue
@@ -79,7 +79,6 @@ def receptive_fields(model: nn.Module, stages: dict[str, nn.Module], in_channels
     finally:
         for hd in handles:
             hd.remove()
-        model.train(was)
     return fields
 
 
@@ -112,11 +111,8 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
                 docs="explainer-paths")
     data = ctx.data
     input_size = (1, data.in_channels, data.image_size, data.image_size)
-    was = model.training
-    try:
+    with eval_mode(model):
         stats, rows = _torchinfo_rows(model, input_size, opts["depth"], ctx.device)
-    finally:
-        model.train(was)
     params = sum(p.numel() for p in model.parameters())
     s.metrics.update({"parameters": params, "trainable_parameters": sum(p.numel() for p in model.parameters()
                                                                          if p.requires_grad),

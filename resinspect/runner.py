@@ -27,7 +27,7 @@ from .models import build_model, load_checkpoint, save_checkpoint, twin_name
 from .plugins import DEFAULT_PLUGINS, PluginHost
 from .rundir import SCHEMA_VERSION, dump_toml, new_run_dir, read_config_file, results_json, save_results, write_atomic
 from .section import Section
-from .training import History, TrainConfig, resolve_device, train_model
+from .training import History, TrainConfig, eval_mode, resolve_device, train_model
 
 __all__ = ["run", "RunResult", "RunSettings", "settings_from_config"]
 
@@ -134,11 +134,8 @@ def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None)
     x, y = next(iter(train))
     num_classes = int(max(int(y.max()) + 1, 2))
     if model is not None:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             num_classes = model(x[:2].to(next(model.parameters()).device)).shape[1]
-            model.train(was)
     return DataBundle(name="custom", train=train.dataset, test=test.dataset, in_channels=x.shape[1],
                       image_size=x.shape[-1], num_classes=num_classes,
                       class_names=[str(i) for i in range(num_classes)], info={"source": "DataLoader pair"})

@@ -14,8 +14,9 @@ import copy
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from .errors import TrainingDiverged
 
 __all__ = ["TrainConfig", "Trainee", "StepInfo", "EpochInfo", "History", "train_model", "evaluate",
-           "resolve_device"]
+           "resolve_device", "eval_mode"]
 
 
 @dataclass
@@ -106,6 +107,18 @@ class HookCaller(Protocol):
     def call(self, hook: str, **kwargs: Any) -> list[Any]: ...
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode; on exit give every submodule back exactly the mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if isinstance(device, torch.device):
@@ -122,20 +135,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Mean cross-entropy and accuracy over ``loader``, accumulated as sums. Mode is restored."""
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    try:
+    with eval_mode(model):
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
-    finally:
-        model.train(was_training)
     if count == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
     return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}

@@ -136,3 +136,15 @@ def test_bad_config_and_device():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_eval_mode_restores_each_submodule_exactly():
+    from resinspect.training import eval_mode
+
+    model = build_model("resnet20")
+    model.train()
+    model.layer2.eval()  # mixed modes, e.g. a frozen stage
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model.layer1.training and not model.layer2.training
+    assert not any(m.training for m in model.layer2.modules())
