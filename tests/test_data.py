@@ -140,3 +140,24 @@ def test_imagefolder_reads_images(tmp_path):
     assert d.class_names == ["blue", "red"] and len(d.train) == 6
     x, y = d.train[0]
     assert x.shape == (3, 8, 8) and y == 0 and torch.allclose(x[2], torch.ones(8, 8))
+
+
+def test_download_without_network_says_where_the_files_go(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tvu, "download_url", offline)
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    import torchvision.datasets.mnist as tvm
+    import torchvision.datasets.cifar as tvc
+    monkeypatch.setattr(tvm, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tvc, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match=f"MNIST: download failed .*put the files train-images-idx3-ubyte.* in "
+                                        f"{tmp_path}/MNIST/raw"):
+        load_data("mnist", root=str(tmp_path), download=True)
+    with pytest.raises(DataError, match=f"CIFAR-10: download failed .*data_batch_1.* in {tmp_path}/cifar-10-batches-py"):
+        load_data("cifar10", root=str(tmp_path), download=True)

@@ -34,9 +34,10 @@ def _limit(ds: Dataset, n: int | None) -> Dataset:
     return Subset(ds, range(min(n, len(ds)))) if n else ds
 
 
-def _download_failed(name: str, root: Path, e: Exception) -> DataError:
-    return DataError(f"{name}: download into {root} failed ({type(e).__name__}: {e}); "
-                     "without network, place the files there by hand")
+def _download_failed(name: str, folder: Path, files: tuple[str, ...], e: Exception) -> DataError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return DataError(f"{name}: download failed ({type(e).__name__}: {first}); without network, put the files "
+                     f"{', '.join(files)} in {folder}")
 
 
 def load_mnist(root: str | Path = "data", download: bool = False, fashion: bool = False,
@@ -61,7 +62,7 @@ def load_mnist(root: str | Path = "data", download: bool = False, fashion: bool 
         raise
     except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError/URLError/ValueError
         if download:
-            raise _download_failed(name, root, e) from e
+            raise _download_failed(name, raw, _MNIST_FILES, e) from e
         raise DataError(f"{name}: cannot read the files in {raw}: {e}") from e
     classes = list(train.classes)
     return DataBundle(name=name.lower(), train=_limit(train, limit_train), test=_limit(test, limit_test),
@@ -134,7 +135,7 @@ def load_cifar10(root: str | Path = "data", download: bool = False,
         try:
             CIFAR10(str(root), train=True, download=True)
         except Exception as e:  # noqa: BLE001
-            raise _download_failed("CIFAR-10", root, e) from e
+            raise _download_failed("CIFAR-10", folder, _CIFAR_FILES, e) from e
         missing = []
     if missing:
         raise DataError(f"CIFAR-10: files not found in {folder}: missing {', '.join(missing)} "
