@@ -278,6 +278,13 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
                                   "(resnet20 … resnet110) and seed34")
         torch.manual_seed(s.seed)
         twin_model = build_model(twin_label, **arch_kwargs)
+        if s.checkpoint and s.epochs <= 0:
+            # an untrained twin would make every comparison meaningless: use the one saved with the model
+            twin_ckpt = Path(s.checkpoint).with_name("twin.pt")
+            if not twin_ckpt.exists():
+                raise ResinspectError(f"--twin with --checkpoint {s.checkpoint}: no trained twin at {twin_ckpt} "
+                                      "(it is saved by runs with --twin); train it with --epochs N instead")
+            twin_model, _ = load_checkpoint(twin_ckpt, model=twin_model)
     if isinstance(data, (list, tuple)):
         train_loader, test_loader = data
     else:

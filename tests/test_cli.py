@@ -154,3 +154,32 @@ def test_checkpoint_for_another_dataset_is_refused(cli, tmp_path):
     assert result.exit_code == 1
     assert f"checkpoint {out / 'model.pt'}: the model was built for 1 input channel(s) and 10 classes" in result.output
     assert "dataset 'shapes' has 3 channel(s) and 5 classes" in result.output
+
+
+def _settings_size8():
+    from resinspect.runner import RunSettings
+    return RunSettings(data_args={"size": 8})
+
+
+def test_twin_with_checkpoint_loads_the_saved_twin(cli, tmp_path):
+    first = tmp_path / "first"
+    assert cli.invoke(main, ["train", "--twin", "--out", str(first)] + FAST).exit_code == 0
+    result = cli.invoke(main, ["run", "--checkpoint", str(first / "model.pt"), "--twin", "--plugins", "summary",
+                               "--data-arg", "size=8", "--out", str(tmp_path / "again"), "-q"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert stored["model"]["twin"]["name"] == "plain20"
+    import torch
+
+    import resinspect
+    from resinspect.models import load_checkpoint
+    saved_twin, _ = load_checkpoint(first / "twin.pt")
+    api = resinspect.run(checkpoint=first / "model.pt", twin=True, plugins=[], device="cpu",
+                         out=tmp_path / "api", settings=_settings_size8())
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(saved_twin.state_dict().values(),
+                                                       api.twin.state_dict().values()))
+    lonely = tmp_path / "lonely"
+    assert cli.invoke(main, ["train", "--out", str(lonely)] + FAST).exit_code == 0
+    refused = cli.invoke(main, ["run", "--checkpoint", str(lonely / "model.pt"), "--twin", "--data-arg", "size=8",
+                                "--out", str(tmp_path / "r"), "-q"])
+    assert refused.exit_code == 1 and f"no trained twin at {lonely / 'twin.pt'}" in refused.output
