@@ -60,7 +60,7 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "--checkpoint)."),
         click.option("--twin/--no-twin", default=None, help="Also train the plain twin (same layers, no shortcuts)."),
         click.option("--checkpoint", type=click.Path(), help="Load the model from this checkpoint instead of "
-                     "training from scratch."),
+                     "training from scratch (with --twin, also the twin.pt saved beside it)."),
         click.option("--out", "-O", type=click.Path(file_okay=False), help="Run directory (default: a new folder "
                      "under reports/)."),
         click.option("--overwrite", is_flag=True, help="Replace a run already in --out."),
