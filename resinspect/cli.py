@@ -87,8 +87,6 @@ def _settings(kw: dict[str, Any]):
     for key in ("model", "data", "data_root", "download", "epochs", "twin", "checkpoint", "out", "device", "seed"):
         if kw.get(key) is not None:
             setattr(s, key, kw[key])
-    if kw.get("checkpoint") is not None and kw.get("epochs") is None:
-        s.epochs = 0
     train = {k: kw[k] for k in ("batch_size", "lr", "optimizer", "schedule", "weight_decay") if kw.get(k) is not None}
     s.train = dataclasses.replace(s.train, **train)
     s.data_args = {**s.data_args, **_pairs(kw.get("data_arg", ()), "--data-arg")}

@@ -36,6 +36,7 @@ _PACKAGES = ("torch", "torchvision", "captum", "tensorboard", "torchinfo", "plug
 _RUN_KEYS = {"model", "data", "data_root", "download", "plugins", "epochs", "twin", "device", "seed", "out",
              "checkpoint", "reports_root"}
 _RESERVED_TABLES = {"run", "train", "data"}
+DEFAULT_EPOCHS = 8
 
 
 @dataclass
@@ -48,7 +49,7 @@ class RunSettings:
     data_root: str = "data"
     download: bool = False
     plugins: list[str] = field(default_factory=lambda: list(DEFAULT_PLUGINS))
-    epochs: int = 8
+    epochs: int | None = None  # None: 8, or 0 when a checkpoint is loaded (resolved by run())
     twin: bool = False
     device: str = "auto"
     seed: int = 0
@@ -215,8 +216,8 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
             setattr(s, key, str(value) if key in ("out", "checkpoint") else value)
     if twin is True:
         s.twin = True
-    if s.checkpoint and epochs is None:
-        s.epochs = 0  # a loaded model is analysed as it is unless --epochs asks for more training
+    if s.epochs is None:  # a loaded model is analysed as it is unless epochs are asked for
+        s.epochs = 0 if s.checkpoint else DEFAULT_EPOCHS
     if train_kwargs:
         unknown = sorted(set(train_kwargs) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:

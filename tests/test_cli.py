@@ -183,3 +183,13 @@ def test_twin_with_checkpoint_loads_the_saved_twin(cli, tmp_path):
     refused = cli.invoke(main, ["run", "--checkpoint", str(lonely / "model.pt"), "--twin", "--data-arg", "size=8",
                                 "--out", str(tmp_path / "r"), "-q"])
     assert refused.exit_code == 1 and f"no trained twin at {lonely / 'twin.pt'}" in refused.output
+
+
+def test_epochs_given_with_a_checkpoint_are_trained(cli, tmp_path):
+    first = tmp_path / "first"
+    assert cli.invoke(main, ["train", "--out", str(first)] + FAST).exit_code == 0
+    result = cli.invoke(main, ["run", "--checkpoint", str(first / "model.pt"), "--epochs", "2", "--plugins", "summary",
+                               "--data-arg", "size=8", "--out", str(tmp_path / "more"), "-q"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((tmp_path / "more" / "results.json").read_text())
+    assert stored["config"]["epochs"] == 2 and len(stored["training"]["model"]["epochs"]) == 2
