@@ -17,7 +17,6 @@ import os
 import sys
 import time
 import traceback
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -252,10 +251,3 @@ class PluginHost:
                  "options": [o.describe() for o in registry.group(n).options.values()]}
                 for n, i in sorted(self.available.items())]
 
-
-def plugin_module(name: str, description: str, **hooks: Any) -> types.ModuleType:
-    """Build a plugin module object from hook functions (handy in tests and notebooks)."""
-    module = types.ModuleType(name, description)
-    for hook_name, fn in hooks.items():
-        setattr(module, hook_name, hookspecs.hookimpl(fn))
-    return module

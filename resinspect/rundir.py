@@ -67,8 +67,6 @@ def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: s
 def save_results(run_dir: Path, results: dict[str, Any], sections: dict[str, list[Section]],
                  core_sections: list[Section]) -> None:
     """Write figures, then results.json (sections serialised with their figure files)."""
-    fig_dir = run_dir / "figures"
-
     def dump(owner: str, secs: list[Section]) -> list[dict[str, Any]]:
         out = []
         for si, s in enumerate(secs):
@@ -80,8 +78,6 @@ def save_results(run_dir: Path, results: dict[str, Any], sections: dict[str, lis
             out.append(s.to_dict(files))
         return out
 
-    if any(s.figures for secs in [core_sections, *sections.values()] for s in secs):
-        fig_dir.mkdir(exist_ok=True)
     results["core_sections"] = dump("core", core_sections)
     for name, secs in sections.items():
         results["plugins"].setdefault(name, {})["sections"] = dump(name, secs)
