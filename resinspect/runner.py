@@ -374,13 +374,18 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
 
 
 def _write_tensorboard(writer: Any, sections: list[Section]) -> None:
+    """Each section's numeric metrics, figures and findings under ``<plugin>/``; the second and later
+    sections of one plugin (e.g. the twin's summary) under ``<plugin>/section<n>/`` so tags never clash."""
     import io
 
     import numpy as np
     from PIL import Image
 
+    seen: dict[str, int] = {}
     for s in sections:
-        prefix = "train" if s.plugin == "core" else s.plugin
+        plugin = "train" if s.plugin == "core" else s.plugin
+        n = seen[plugin] = seen.get(plugin, -1) + 1
+        prefix = plugin if n == 0 else f"{plugin}/section{n}"
         for k, v in s.metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 writer.add_scalar(f"{prefix}/{k}", v, 0)

@@ -75,6 +75,9 @@ def test_tensorboard_events_read_back(run_dir):
     plugins = set(results["plugins"]) | {"train"}
     assert all(tag.split("/")[0] in plugins for tag in scalars | set(acc.Tags()["images"]))
     assert any(t.startswith("ablation/figure/") for t in acc.Tags()["images"])
+    # summary returns one section per network: the twin's goes under summary/section1/, no step-0 duplicates
+    assert [e.value for e in acc.Scalars("summary/residual_blocks")] == [9.0]
+    assert [e.value for e in acc.Scalars("summary/section1/residual_blocks")] == [0.0]
 
 
 def test_report_rerenders_identically_from_stored_results(run_dir, tmp_path):
