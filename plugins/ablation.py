@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, hookimpl
+from resinspect.section import pyplot
 from resinspect.anatomy import residual_blocks
 from resinspect.training import eval_mode
 from resinspect_plugins._lesion import Lesion, LesionStats, applied_lesion, lesion_sweep
@@ -299,10 +300,7 @@ def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) ->
 
 
 def _figures(section, blocks, clean, single, skip, k_curve, plain) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = [b.name for b in blocks]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, hookimpl
+from resinspect.section import pyplot
 from resinspect.anatomy import residual_blocks
 from resinspect.training import eval_mode
 
@@ -267,10 +268,7 @@ def _formula_section(ctx) -> list[Section]:
 
 
 def _figures(s: Section, blocks, rows, has_init: bool, resp, labels) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if resp.get("model"):
         names = list(resp["model"])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, hookimpl
+from resinspect.section import pyplot
 from resinspect.anatomy import residual_blocks
 from resinspect.training import eval_mode
 from resinspect_plugins._attribution_methods import METHODS, attribute, method_names
@@ -211,10 +212,7 @@ def _show(img: torch.Tensor) -> np.ndarray:
 
 
 def _grids(s: Section, ctx, x, y, pred, maps) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     picks = []
     for c in range(ctx.data.num_classes):
@@ -246,10 +244,7 @@ def _grids(s: Section, ctx, x, y, pred, maps) -> None:
 
 
 def _sanity_figure(s: Section, steps, rho) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(steps) + 3), 3.6))
     for name, vals in rho.items():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, StashKey, hookimpl
+from resinspect.section import pyplot
 from resinspect.anatomy import replace_forward, residual_blocks, restore_forwards
 
 NAME = "gradflow"
@@ -340,10 +341,7 @@ def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -
 
 
 def _figures(s: Section, ctx, data) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     roles = list(data)
     logs = {r: np.log10(np.maximum(d[4][:, 0, :], 1e-30)).T for r, d in data.items() if d[4].size}

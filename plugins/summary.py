@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, hookimpl
+from resinspect.section import pyplot
 from resinspect.anatomy import residual_blocks
 from resinspect.training import eval_mode
 
@@ -159,10 +160,7 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
 
 
 def _path_figure(s: Section, n: int, dist, lo: int, hi: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ks = [k for k, _, _ in dist]

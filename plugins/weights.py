@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, hookimpl
+from resinspect.section import pyplot
 
 NAME = "weights"
 
@@ -163,10 +164,7 @@ def _compare(s: Section, ctx, results) -> None:
 
 
 def _figures(s: Section, ctx, results) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import seaborn as sns
 
     for role, (names, stats, samples) in results.items():

@@ -80,6 +80,11 @@ class RunContext:
         """The resolved options of ``plugin`` (defaults, config file, ``-o``)."""
         return dict(self.plugin_options.get(plugin, {}))
 
+    def record_initial_state(self) -> None:
+        """Keep CPU copies of every network's current weights as ``initial_state[role]``."""
+        for role, m in self.networks():
+            self.initial_state[role] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
     def test_batches(self, limit: int = 0):
         """Yield ``(x, y)`` test batches on the device, stopping after ``limit`` images (0: all)."""
         seen = 0

@@ -26,7 +26,7 @@ from .errors import CheckpointError, ResinspectError, TrainingDiverged
 from .models import build_model, load_checkpoint, save_checkpoint, twin_name
 from .plugins import DEFAULT_PLUGINS, PluginHost
 from .rundir import SCHEMA_VERSION, dump_toml, new_run_dir, read_config_file, results_json, save_results, write_atomic
-from .section import Section
+from .section import Section, pyplot
 from .training import History, TrainConfig, eval_mode, resolve_device, train_model
 
 __all__ = ["run", "RunResult", "RunSettings", "settings_from_config"]
@@ -143,10 +143,7 @@ def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None)
 
 
 def _training_section(history: dict[str, History]) -> Section:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     s = Section(title="Training", plugin="core", docs="explainer-degradation",
                 explanation="Loss per step and test accuracy per epoch of the model"
@@ -304,14 +301,13 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     ctx = RunContext(model=net, model_name=model_label, data=bundle, train_loader=train_loader,
                      test_loader=test_loader, device=dev, run_dir=run_dir, writer=writer, twin=twin_model,
                      twin_name=twin_label, seed=s.seed, config=dataclasses.asdict(s), plugin_options=plugin_options)
-    for role, m in ctx.networks():
-        ctx.initial_state[role] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+    ctx.record_initial_state()
 
     results: dict[str, Any] = {
         "schema": "resinspect.results", "schema_version": SCHEMA_VERSION, "resinspect_version": __version__,
         "status": "running", "error": None,
         "run": {"name": run_dir.name, "dir": str(run_dir), "started": started_at},
-        "config": {**dataclasses.asdict(s), "plugin_options": plugin_options},
+        "config": {**ctx.config, "plugin_options": plugin_options},
         "environment": _environment(dev),
         "model": {"name": model_label, "parameters": sum(p.numel() for p in net.parameters()),
                   "residual_blocks": block_table(residual_blocks(net)),

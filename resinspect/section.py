@@ -7,13 +7,22 @@ re-render the HTML later from results.json alone.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Section", "Finding", "Table", "Figure", "SEVERITIES"]
+__all__ = ["Section", "Finding", "Table", "Figure", "SEVERITIES", "pyplot"]
 
 SEVERITIES = ("info", "good", "warning", "critical")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to PNG, never to a screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @dataclass
@@ -123,14 +132,13 @@ class Section:
 
 
 def _jsonable(v: Any) -> Any:
-    """Numbers, strings, bools and None pass; numpy/torch scalars become Python; NaN/inf become strings."""
+    """Numbers, strings, bools and None pass; numpy/torch scalars become Python (NaN/inf are left to
+    ``rundir.results_json``)."""
     if hasattr(v, "item") and callable(v.item):
         try:
             v = v.item()
         except (ValueError, RuntimeError):
             return str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, (list, tuple)):

@@ -80,9 +80,9 @@ def make_context(model: str | nn.Module = "resnet20", data: DataBundle | None = 
                      data=data, train_loader=train, test_loader=test, device=torch.device("cpu"),
                      run_dir=Path(run_dir or tempfile.mkdtemp(prefix="resinspect-test-")), twin=twin_net,
                      twin_name=twin, seed=seed, plugin_options=options or {})
-    for role, m in ctx.networks():
+    for _, m in ctx.networks():
         m.eval()
-        ctx.initial_state[role] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    ctx.record_initial_state()
     return ctx
 
 
