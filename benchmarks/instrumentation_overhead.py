@@ -16,9 +16,10 @@ import tempfile
 import time
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
+from pathlib import Path
 
 from resinspect.plugins import PluginHost
+from resinspect.tensorboard import TensorBoardRuns
 from resinspect.testing import make_context
 from resinspect.data import load_data
 from resinspect.training import TrainConfig, train_model
@@ -27,17 +28,17 @@ from resinspect.training import TrainConfig, train_model
 def one_run(model_name: str, data, epochs: int, plugins: list[str], every: int) -> tuple[float, list[float], float]:
     host = PluginHost()
     host.activate(plugins)
-    options = host.option_registry().resolve({"gradflow": {"every": every}} if "gradflow" in plugins else {})
+    options = {"gradflow": {"every": every}} if "gradflow" in plugins else {}
     with tempfile.TemporaryDirectory() as tmp:
         ctx = make_context(model_name, data=data, run_dir=tmp, options=options, batch_size=64)
-        ctx.writer = SummaryWriter(f"{tmp}/tb")
+        ctx.tensorboard = TensorBoardRuns(Path(tmp) / "tb")
         host.call("resinspect_configure", ctx=ctx)
         start, cpu_start = time.perf_counter(), time.process_time()
         history = train_model(ctx.model, ctx.train_loader, ctx.test_loader, TrainConfig(epochs=epochs), ctx.device,
-                              hooks=host, ctx=ctx, writer=ctx.writer)
+                              hooks=host, ctx=ctx, writer=ctx.tensorboard.writer("model"))
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         host.call("resinspect_unconfigure", ctx=ctx, include_failed=True)
-        ctx.writer.close()
+        ctx.tensorboard.close()
         if host.failures:
             raise SystemExit(f"plugin failed: {host.failures}")
     return elapsed, history.step_losses, cpu

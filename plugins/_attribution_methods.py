@@ -75,7 +75,7 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
 
 def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The output module of each residual stage (the container of its blocks), for GradCAM."""
-    from resinspect.anatomy import residual_blocks
+    from resinspect import residual_blocks
 
     stages: dict[str, nn.Module] = {}
     for b in residual_blocks(model):

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resinspect import Section
-from resinspect.anatomy import residual_blocks
-from resinspect.training import eval_mode
+from resinspect import Section, capture, eval_mode, residual_blocks
 
 FORMULAS = {
     "conv": "Convolution Y = W ⋆ X + b, written as Y = W·unfold(X) + b: ∂L/∂W = Σₙ ∂L/∂Yₙ · unfold(Xₙ)ᵀ, "
@@ -101,21 +99,10 @@ def _kind(m: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _capture_inputs(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep_first_input(n: str, inputs: tuple) -> None:  # a hook must return None
-        if n not in seen:
-            seen[n] = inputs[0].detach().clone()
-
-    # pre-hooks: the input before the module runs (an in-place ReLU overwrites it)
-    handles = [m.register_forward_pre_hook(lambda mod, i, n=n: keep_first_input(n, i)) for n, m in modules.items()]
-    try:
-        with eval_mode(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    # capture takes inputs before the module runs (an in-place ReLU would overwrite them)
+    with capture(modules, outputs=False, first_only=True) as seen, eval_mode(model):
+        model(x)
+    return seen.inputs
 
 
 def check_model_formulas(ctx) -> Section:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resinspect.anatomy import bypass, drop_skip, forwards_replaced
+from resinspect import bypass, drop_skip, forwards_replaced, on_forward
 
 __all__ = ["Lesion", "LesionStats", "lesion_sweep", "identity_replaced", "applied_lesion"]
 
@@ -118,12 +118,8 @@ def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
             sums, clean_sums = _Sums(len(lesions), x.device), _Sums(1, x.device)
         if fast:
             cache: list[torch.Tensor | None] = [None] * len(modules)
-            handles = [m.register_forward_hook(_store(cache, i)) for i, m in enumerate(modules)]
-            try:
+            with on_forward([(str(i), m) for i, m in enumerate(modules)], _store(cache)):
                 logits = model(x)
-            finally:
-                for h in handles:
-                    h.remove()
         else:
             logits = model(x)
         clean_sums.add(0, logits, y)
@@ -141,7 +137,7 @@ def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     return clean_sums.result()[0], sums.result()
 
 
-def _store(cache: list, i: int):
-    def hook(module: nn.Module, inputs, output):
-        cache[i] = output
-    return hook
+def _store(cache: list):
+    def keep(name: str, module: nn.Module, inputs, output) -> None:
+        cache[int(name)] = output
+    return keep

@@ -15,10 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from resinspect import Section, hookimpl
-from resinspect.section import pyplot
-from resinspect.anatomy import residual_blocks
-from resinspect.training import eval_mode
+from resinspect import Section, capture, is_batchnorm, eval_mode, hookimpl, pyplot, residual_blocks
 from resinspect_plugins._lesion import Lesion, LesionStats, applied_lesion, lesion_sweep
 
 NAME = "ablation"
@@ -60,7 +57,7 @@ def resinspect_addoptions(options):
 @contextmanager
 def _recalibrated(model: nn.Module, batches: list) -> Iterator[None]:
     """Re-estimate BN running statistics on ``batches`` (under whatever lesion is active); restore on exit."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if is_batchnorm(m)]
     saved = [(m, {k: v.clone() for k, v in m.state_dict().items()}, m.momentum, m.training) for m in bns]
     try:
         for m in bns:
@@ -92,7 +89,7 @@ def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return any(is_batchnorm(m) for m in model.modules())
 
 
 def _plain_layer_pairs(twin: nn.Module, names: list[str], probe: torch.Tensor) -> list[tuple[str, nn.Module]]:
@@ -103,16 +100,10 @@ def _plain_layer_pairs(twin: nn.Module, names: list[str], probe: torch.Tensor) -
             candidates.append((name, twin.get_submodule(name)))
         except AttributeError:
             continue
-    shapes: dict[str, tuple] = {}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (tuple(i[0].shape), tuple(o.shape))))
-               for n, m in candidates]
-    try:
-        with torch.no_grad():
-            twin(probe)
-    finally:
-        for h in handles:
-            h.remove()
-    return [(n, m) for n, m in candidates if n in shapes and shapes[n][0] == shapes[n][1]]
+    with capture(candidates, first_only=True) as seen, torch.no_grad():
+        twin(probe)
+    return [(n, m) for n, m in candidates
+            if n in seen.outputs and tuple(seen.inputs[n].shape) == tuple(seen.outputs[n].shape)]
 
 
 def _cost(clean: LesionStats, s: LesionStats) -> float:
@@ -168,10 +159,9 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
             m[f"skip_removal/{b.name}/accuracy"] = skip[i].accuracy
             row += [skip[i].accuracy, _cost(clean, skip[i])]
         rows.append(row)
-        if ctx.writer is not None:
-            ctx.writer.add_scalar(f"{NAME}/lesion_accuracy", single[i].accuracy, i)
-            if skip:
-                ctx.writer.add_scalar(f"{NAME}/skip_removal_accuracy", skip[i].accuracy, i)
+        ctx.log_scalar("lesion_accuracy", single[i].accuracy, i)
+        if skip:
+            ctx.log_scalar("skip_removal_accuracy", skip[i].accuracy, i)
     columns = ["block", "stage", "downsamples", "shortcut", "acc. bypassed", "cost (points)", "Δ loss"]
     if recal:
         columns.append("cost, BN re-estimated")
@@ -197,8 +187,7 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
         sd = statistics.pstdev(accs)
         k_curve.append((k, mean, sd, min(accs), max(accs)))
         m[f"k/{k}/mean_accuracy"], m[f"k/{k}/std_accuracy"] = mean, sd
-        if ctx.writer is not None:
-            ctx.writer.add_scalar(f"{NAME}/k_mean_accuracy", mean, k)
+        ctx.log_scalar("k_mean_accuracy", mean, k)
     if k_curve:
         section.table("Bypassing k random blocks together", ["k", "mean acc.", "std", "min", "max"],
                       [list(r) for r in k_curve], caption=f"{opts['subsets']} random subsets per k, seed {ctx.seed}.")
@@ -206,7 +195,7 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     plain = _plain_comparison(ctx, blocks, opts)
     if plain is not None:
         m.update(plain["metrics"])
-        section.table(f"Plain twin ({ctx.twin_name}): each layer pair replaced by the identity",
+        section.table(f"Plain twin ({ctx.label('twin')}): each layer pair replaced by the identity",
                       ["layer pair", "acc. removed", "cost (points)"]
                       + (["cost, BN re-estimated"] if plain["recal"] else []), plain["rows"],
                       caption=f"Clean accuracy of the twin: {plain['clean'].accuracy:.2%}.")
@@ -287,14 +276,14 @@ def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) ->
         chance = 1.0 / max(2, ctx.data.num_classes)
         if plain["clean"].accuracy < 2 * chance:
             section.finding(
-                f"Residual vs plain: the plain twin {ctx.twin_name} barely learned ({plain['clean'].accuracy:.1%} "
+                f"Residual vs plain: the plain twin {ctx.label('twin')} barely learned ({plain['clean'].accuracy:.1%} "
                 f"test accuracy, chance {chance:.0%}) while {ctx.model_name} reached {clean.accuracy:.1%}: the "
                 "degradation problem itself. With so little learned, removing its layers has little left to "
                 f"destroy (median cost {plain_med:.1f} points), so the lesion comparison says little here.", "warning")
             return
         section.finding(
             f"Residual vs plain{how}: bypassing one block of {ctx.model_name} costs a median {res_med:.1f} points, "
-            f"removing the same layer pair from its plain twin {ctx.twin_name} costs a median {plain_med:.1f} points "
+            f"removing the same layer pair from its plain twin {ctx.label('twin')} costs a median {plain_med:.1f} points "
             f"(intact accuracies {clean.accuracy:.1%} and {plain['clean'].accuracy:.1%}).",
             "good" if plain_med > res_med else "info")
 

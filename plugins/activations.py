@@ -12,10 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resinspect import Section, hookimpl
-from resinspect.section import pyplot
-from resinspect.anatomy import residual_blocks
-from resinspect.training import eval_mode
+from resinspect import Section, eval_mode, hookimpl, on_forward, pyplot, residual_blocks
 
 NAME = "activations"
 
@@ -118,52 +115,47 @@ def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def collect(model: nn.Module, batches, with_blocks: bool = True) -> Stats:
     """Run ``batches`` through ``model`` (eval mode) and accumulate every statistic as sums."""
     stats = Stats()
-    handles = []
     blocks = residual_blocks(model) if with_blocks else []
     relu_calls: dict[str, int] = defaultdict(int)
     # the block hook recomputes F(x) and S(x); layer hooks must not count those extra calls
     recomputing = [False]
 
-    def response_hook(m, i, o, n):
+    def response_hook(n, m, i, o):
         if not recomputing[0]:
             stats.responses[n].add(o)
 
-    try:
-        for name, mod in response_layers(model):
-            handles.append(mod.register_forward_hook(lambda m, i, o, n=name: response_hook(m, i, o, n)))
-        for b in blocks:
-            def block_hook(m, inputs, output, b=b):
-                x = inputs[0]
-                recomputing[0] = True
-                try:
-                    f, s = b.branch(x).flatten(1).double(), b.shortcut(x).flatten(1).double()
-                finally:
-                    recomputing[0] = False
-                fn, sn = f.norm(dim=1), s.norm(dim=1)
-                stats.ratio_sum[b.name] += (fn / sn.clamp_min(1e-12)).sum().item()
-                stats.cos_sum[b.name] += (torch.nn.functional.cosine_similarity(f, s, dim=1, eps=1e-12)).sum().item()
-                stats.stream[b.name].add(output)
-            handles.append(b.module.register_forward_hook(block_hook))
-        for name, mod in model.named_modules():
-            if isinstance(mod, nn.ReLU):
-                def relu_hook(m, i, o, n=name):
-                    if recomputing[0]:
-                        return
-                    key = f"{n}#{relu_calls[n]}"
-                    relu_calls[n] += 1
-                    if o.dim() < 2:
-                        return
-                    dims = [d for d in range(o.dim()) if d != 1]
-                    peak = o.detach().amax(dim=dims)
-                    stats.relu_max[key] = peak if key not in stats.relu_max else torch.maximum(stats.relu_max[key], peak)
-                handles.append(mod.register_forward_hook(relu_hook))
+    def block_hook(name, m, inputs, output):
+        b = by_name[name]
+        x = inputs[0]
+        recomputing[0] = True
+        try:
+            f, sc = b.branch(x).flatten(1).double(), b.shortcut(x).flatten(1).double()
+        finally:
+            recomputing[0] = False
+        fn, sn = f.norm(dim=1), sc.norm(dim=1)
+        stats.ratio_sum[b.name] += (fn / sn.clamp_min(1e-12)).sum().item()
+        stats.cos_sum[b.name] += (torch.nn.functional.cosine_similarity(f, sc, dim=1, eps=1e-12)).sum().item()
+        stats.stream[b.name].add(output)
+
+    def relu_hook(n, m, i, o):
+        if recomputing[0]:
+            return
+        key = f"{n}#{relu_calls[n]}"
+        relu_calls[n] += 1
+        if o.dim() < 2:
+            return
+        dims = [d for d in range(o.dim()) if d != 1]
+        peak = o.detach().amax(dim=dims)
+        stats.relu_max[key] = peak if key not in stats.relu_max else torch.maximum(stats.relu_max[key], peak)
+
+    by_name = {b.name: b for b in blocks}
+    relus = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ReLU)]
+    with on_forward(response_layers(model), response_hook), on_forward(blocks, block_hook), \
+            on_forward(relus, relu_hook):
         for x, _ in batches:
             relu_calls.clear()
             model(x)
             stats.images += len(x)
-    finally:
-        for h in handles:
-            h.remove()
     return stats
 
 
@@ -186,7 +178,7 @@ def resinspect_analyze(ctx) -> list[Section]:
     opts = ctx.options(NAME)
     s = Section(title="Activations", explanation=EXPLANATION, docs="explainer-responses")
     stats = {role: _collect_eval(ctx, m, opts["samples"]) for role, m in ctx.networks()}
-    labels = {"model": ctx.model_name, "twin": ctx.twin_name}
+    labels = {role: ctx.label(role) for role in ("model", "twin")}
     # response strength
     resp = {role: {n: mo.std for n, mo in st.responses.items()} for role, st in stats.items()}
     names = list(resp["model"])
@@ -258,13 +250,7 @@ def resinspect_analyze(ctx) -> list[Section]:
         else:
             s.finding(f"{labels[role]}: no dead ReLU layers (worst: {max(dead.values()):.0%} of channels never "
                       "fire on the test set).", "good")
-    return [s] + _formula_section(ctx)
-
-
-def _formula_section(ctx) -> list[Section]:
-    from resinspect_plugins._formulas import check_model_formulas
-
-    return [check_model_formulas(ctx)]
+    return s
 
 
 def _figures(s: Section, blocks, rows, has_init: bool, resp, labels) -> None:

@@ -10,10 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resinspect import Section, hookimpl
-from resinspect.section import pyplot
-from resinspect.anatomy import residual_blocks
-from resinspect.training import eval_mode
+from resinspect import Section, eval_mode, hookimpl, is_batchnorm, pyplot, residual_blocks
 from resinspect_plugins._attribution_methods import METHODS, attribute, method_names
 from resinspect_plugins._attribution_scores import deletion_insertion, mask_share, pointing_game, spearman
 
@@ -141,7 +138,7 @@ def _reinit(modules: list[nn.Module], gen_seed: int) -> None:
         for sub in mod.modules():
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            if is_batchnorm(sub):
                 sub.reset_running_stats()
                 with torch.no_grad():  # BN at its defaults would make random blocks near-identical; draw scales
                     sub.weight.uniform_(0.5, 1.5) if sub.weight is not None else None

@@ -9,22 +9,14 @@ path the gradient actually uses (He et al. 2016, Identity Mappings, eqs. 4–5).
 from __future__ import annotations
 
 import statistics
-import types
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from resinspect import Section, StashKey, hookimpl
-from resinspect.section import pyplot
-from resinspect.anatomy import replace_forward, residual_blocks, restore_forwards
+from resinspect import Section, StashKey, hookimpl, pyplot
+from resinspect_plugins._gradrecorder import BRANCH as _BRANCH, OUT as _OUT, SKIP as _SKIP, TOTAL as _TOTAL
+from resinspect_plugins._gradrecorder import GradRecorder
 
 NAME = "gradflow"
-_CAPACITY = 256  # rows kept on the device before one transfer to the host
-# per-block columns: gradient at the block output, skip part and branch part of the input gradient, total
-_OUT, _SKIP, _BRANCH, _TOTAL = range(4)
 
 EXPLANATION = """\
 During training, after every backward pass (or every k steps, option every), gradflow records for each \
@@ -61,128 +53,6 @@ def resinspect_addoptions(options):
                 check=lambda v: "must be >= 0" if v < 0 else None)
 
 
-@dataclass
-class GradRecorder:
-    """Records gradient statistics of one network during training."""
-
-    role: str
-    model: nn.Module
-    every: int
-    block_every: int = 1
-    names: list[str] = field(default_factory=list)
-    params: list[nn.Parameter] = field(default_factory=list)
-    block_names: list[str] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    param_chunks: list[np.ndarray] = field(default_factory=list)
-    block_chunks: list[np.ndarray] = field(default_factory=list)
-    active: bool = True
-    written: int = 0
-    _saved: list[tuple[nn.Module, Any]] = field(default_factory=list)
-
-    def attach(self, device: torch.device) -> None:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        blocks = residual_blocks(self.model)
-        self.block_names = [b.name for b in blocks]
-        self.param_buf = torch.zeros(_CAPACITY, 3, len(self.params), device=device)
-        self.block_buf = torch.zeros(_CAPACITY, len(blocks), 4, device=device)
-        self._zero = torch.zeros((), device=device)
-        self.pending: list[torch.Tensor] = [self._zero] * (4 * len(blocks))
-        self.block_rows: list[int] = []
-        self.rows = 0
-        self.tap = True
-        for j, b in enumerate(blocks):
-            original = b.module.__dict__.get("forward") or types.MethodType(type(b.module).forward, b.module)
-            self._saved.append(replace_forward(b.module, self._tapped(b.variant("split"), original, j)))
-
-    def detach(self) -> None:
-        restore_forwards(self._saved)
-        self._saved.clear()
-
-    def _tapped(self, split: nn.Module, original: Any, j: int):
-        pending = self.pending
-
-        def store(col: int):
-            slot = 4 * j + col
-
-            def hook(g: torch.Tensor) -> None:
-                pending[slot] = torch.linalg.vector_norm(g.detach())
-            return hook
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if not (self.tap and self.active and torch.is_grad_enabled() and x.requires_grad):
-                return original(x)
-            x_branch, x_skip = x.view_as(x), x.view_as(x)
-            y = split(x_branch, x_skip)
-            x_branch.register_hook(store(_BRANCH))
-            x_skip.register_hook(store(_SKIP))
-            x.register_hook(store(_TOTAL))
-            y.register_hook(store(_OUT))
-            return y
-
-        return forward
-
-    def record(self, step: int) -> None:
-        if self.active:
-            grads = [p.grad.detach() if p.grad is not None else self._zero for p in self.params]
-            if grads:
-                l2 = torch.stack(torch._foreach_norm(grads, 2))
-                l1 = torch.stack(torch._foreach_norm(grads, 1))
-                linf = torch.stack(_foreach_absmax(grads))
-                self.param_buf[self.rows] = torch.stack([l2, l1 / self._numel(l1.device), linf])
-            if self.tap and self.block_names:
-                self.block_buf[self.rows] = torch.stack(self.pending).view(-1, 4)
-                self.pending[:] = [self._zero] * len(self.pending)
-                self.block_rows.append(len(self.steps))
-            self.steps.append(step)
-            self.rows += 1
-            if self.rows == _CAPACITY:
-                self.flush()
-        self.active = (step + 1) % self.every == 0
-        self.tap = len(self.steps) % self.block_every == 0
-
-    def _numel(self, device: torch.device) -> torch.Tensor:
-        if not hasattr(self, "_numels"):
-            self._numels = torch.tensor([float(p.numel()) for p in self.params], device=device)
-        return self._numels
-
-    def flush(self) -> tuple[np.ndarray, np.ndarray]:
-        """Move the recorded rows to the host (one transfer); returns the new rows."""
-        if self.rows == 0:
-            return np.zeros((0, 3, len(self.params))), np.zeros((0, len(self.block_names), 4))
-        p = self.param_buf[: self.rows].cpu().numpy().copy()
-        b = self.block_buf[: self.rows].cpu().numpy().copy()
-        self.param_chunks.append(p)
-        self.block_chunks.append(b)
-        self.rows = 0
-        return p, b
-
-    def _all_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        self.flush()
-        p = np.concatenate(self.param_chunks) if self.param_chunks else np.zeros((0, 3, len(self.params)))
-        b = np.concatenate(self.block_chunks) if self.block_chunks else np.zeros((0, len(self.block_names), 4))
-        return p, b
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(param stats [records, 3, params], block stats [block records, blocks, 4])``."""
-        p, b = self._all_rows()
-        return p, b[self.block_rows]
-
-    def unwritten(self) -> tuple[int, np.ndarray, np.ndarray]:
-        """Rows recorded since the last call (``first row index, params, blocks``), e.g. for TensorBoard."""
-        p, b = self._all_rows()
-        start, self.written = self.written, len(p)
-        return start, p[start:], b[start:]
-
-
-def _foreach_absmax(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """max |t| of each tensor; ``_foreach_max`` of ``_foreach_abs`` is several times faster than the inf-norm."""
-    if hasattr(torch, "_foreach_max"):
-        return list(torch._foreach_max(torch._foreach_abs(tensors)))
-    return list(torch._foreach_norm(tensors, float("inf")))
-
-
 def _state(ctx) -> dict[str, GradRecorder]:
     return ctx.stash.setdefault(KEY, {})
 
@@ -208,19 +78,19 @@ def resinspect_epoch_end(ctx, epoch):
     start, params, blocks = rec.unwritten()
     tapped = set(rec.block_rows)
     every = ctx.options(NAME)["tensorboard_every"]
-    if ctx.writer is None or not every:
+    if not ctx.tensorboard.enabled or not every:
         return
     weight_idx = [i for i, p in enumerate(rec.params) if p.dim() > 1]
     for r in range(len(params)):
         step = rec.steps[start + r]
         if (start + r) % every == 0:
             for i in weight_idx:
-                ctx.writer.add_scalar(f"{NAME}/{rec.role}/grad_norm/{rec.names[i]}", float(params[r, 0, i]), step)
+                ctx.log_scalar(f"grad_norm/{rec.names[i]}", float(params[r, 0, i]), step, role=rec.role)
         for j, name in enumerate(rec.block_names if start + r in tapped else []):
             skip = blocks[r, j, _SKIP]
             if skip > 0:
-                ctx.writer.add_scalar(f"{NAME}/{rec.role}/branch_skip_ratio/{name}",
-                                      float(blocks[r, j, _BRANCH] / skip), step)
+                ctx.log_scalar(f"branch_skip_ratio/{name}", float(blocks[r, j, _BRANCH] / skip), step,
+                               role=rec.role)
 
 
 @hookimpl
@@ -285,7 +155,7 @@ def resinspect_analyze(ctx) -> Section:
 
 
 def _param_findings(s: Section, ctx, role: str, rec: GradRecorder, params: np.ndarray, opts) -> None:
-    label = ctx.model_name if role == "model" else ctx.twin_name
+    label = ctx.label(role)
     l2 = params[:, 0, :]
     med = np.median(l2, axis=1, keepdims=True)
     vanish = (l2 < opts["vanish_ratio"] * med).mean(0)
@@ -350,7 +220,7 @@ def _figures(s: Section, ctx, data) -> None:
         vmax = max(v.max() for v in logs.values())
         fig, axes = plt.subplots(1, len(logs), figsize=(5.5 * len(logs), 4.2), squeeze=False)
         for ax, (role, v) in zip(axes[0], logs.items()):
-            label = ctx.model_name if role == "model" else ctx.twin_name
+            label = ctx.label(role)
             im = ax.imshow(v, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set(title=label, xlabel="recorded step")
             names = data[role][3]
@@ -368,7 +238,7 @@ def _figures(s: Section, ctx, data) -> None:
         common = [n for n in data["model"][3] if all(n in d[3] for d in data.values())]
         for role, (rec, params, blocks, names, w) in data.items():
             n = len(w)
-            label = ctx.model_name if role == "model" else ctx.twin_name
+            label = ctx.label(role)
             cols = [names.index(c) for c in common] if len(data) > 1 else list(range(len(names)))
             for moment, idx, colour in (("init", 0, "#2c5aa0"), ("early", max(0, n // 10), "#e08a00"),
                                         ("end", n - 1, "#1b7f3b")):

@@ -13,10 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resinspect import Section, hookimpl
-from resinspect.section import pyplot
-from resinspect.anatomy import residual_blocks
-from resinspect.training import eval_mode
+from resinspect import Section, capture, eval_mode, hookimpl, pyplot, residual_blocks
 
 NAME = "summary"
 
@@ -62,24 +59,18 @@ def central_range(n_blocks: int, mass: float = 0.95) -> tuple[int, int, float]:
 def receptive_fields(model: nn.Module, stages: dict[str, nn.Module], in_channels: int, device: torch.device,
                      size: int = 96) -> dict[str, int]:
     """Measured receptive field (pixels, one side) of each stage's output at the centre position."""
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n, m in stages.items()]
     fields = {}
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(4, in_channels, size, size, generator=gen).to(device).requires_grad_(True)
-        with eval_mode(model):
-            model(x)
-        for name, out in outputs.items():
-            if out.dim() != 4:
-                continue
-            h, w = out.shape[-2:]
-            (g,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), x, retain_graph=True)
-            rows = g.abs().sum(dim=(0, 1, 3)).nonzero()
-            fields[name] = int(rows.max() - rows.min() + 1) if len(rows) else 0
-    finally:
-        for hd in handles:
-            hd.remove()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, in_channels, size, size, generator=gen).to(device).requires_grad_(True)
+    with capture(stages, inputs=False, detach=False) as seen, eval_mode(model):
+        model(x)
+    for name, out in seen.outputs.items():
+        if out.dim() != 4:
+            continue
+        h, w = out.shape[-2:]
+        (g,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), x, retain_graph=True)
+        rows = g.abs().sum(dim=(0, 1, 3)).nonzero()
+        fields[name] = int(rows.max() - rows.min() + 1) if len(rows) else 0
     return fields
 
 
@@ -103,13 +94,13 @@ def resinspect_analyze(ctx) -> list[Section]:
     opts = ctx.options(NAME)
     sections = [_summarise(ctx, ctx.model, ctx.model_name, opts)]
     if ctx.twin is not None:
-        sections.append(_summarise(ctx, ctx.twin, ctx.twin_name or "twin", opts, is_twin=True))
+        sections.append(_summarise(ctx, ctx.twin, ctx.label("twin"), opts, is_twin=True))
     return sections
 
 
 def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin: bool = False) -> Section:
     s = Section(title=f"Architecture: {label}" + (" (plain twin)" if is_twin else ""), explanation=EXPLANATION,
-                docs="explainer-paths")
+                docs="explainer-paths", role="twin" if is_twin else "model")
     data = ctx.data
     input_size = (1, data.in_channels, data.image_size, data.image_size)
     with eval_mode(model):
@@ -119,7 +110,8 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
                                                                          if p.requires_grad),
                       "mult_adds": int(stats.total_mult_adds)})
     s.table(f"Layers (torchinfo, input {list(input_size)})", ["layer", "output shape", "parameters", "mult-adds"],
-            rows, caption=f"Total: {params:,} parameters, {int(stats.total_mult_adds):,} mult-adds per image.")
+            rows, caption=f"Total: {params:,} parameters, {int(stats.total_mult_adds):,} mult-adds per image.",
+            fold=True)
     blocks = residual_blocks(model)
     n = len(blocks)
     s.metrics["residual_blocks"] = n

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resinspect import Section, hookimpl
-from resinspect.section import pyplot
+from resinspect import Section, hookimpl, is_conv, is_linear, pyplot
 
 NAME = "weights"
 
@@ -41,39 +40,25 @@ def resinspect_addoptions(options):
                 check=lambda v: "must be >= 10" if v < 10 else None)
 
 
-def add_histogram(writer: Any, tag: str, values: torch.Tensor, step: int, bins: int) -> None:
-    """Like ``SummaryWriter.add_histogram``, with the histogram computed by torch on the tensor's device
-    (``bins`` equal-width buckets) and a single transfer to the host."""
-    v = values.detach().float().flatten()
-    lo, hi = v.min(), v.max()
-    counts = torch.histc(v, bins=bins, min=float(lo), max=float(hi)) if hi > lo else \
-        torch.tensor([float(v.numel())], device=v.device)
-    summary = torch.stack([lo, hi, v.sum(), (v * v).sum()]).cpu().tolist()
-    edges = torch.linspace(summary[0], summary[1], len(counts) + 1)[1:].tolist()
-    writer.add_histogram_raw(tag, min=summary[0], max=summary[1], num=v.numel(), sum=summary[2],
-                             sum_squares=summary[3], bucket_limits=edges, bucket_counts=counts.cpu().tolist(),
-                             global_step=step)
-
-
 @hookimpl
 def resinspect_epoch_end(ctx, epoch):
-    if ctx.writer is None:
+    if not ctx.tensorboard.enabled:
         return
     opts = ctx.options(NAME)
     params = dict(epoch.model.named_parameters())
     names = list(params) if opts["all_parameters"] else [n for n, _ in layer_weights(epoch.model)]
     for name in names:
         p = params[name]
-        add_histogram(ctx.writer, f"{NAME}/{epoch.role}/{name}", p, epoch.epoch, opts["bins"])
+        ctx.log_histogram(name, p, epoch.epoch, role=epoch.role, bins=opts["bins"])
         if opts["gradients"] and p.grad is not None:
-            add_histogram(ctx.writer, f"{NAME}/{epoch.role}/grad/{name}", p.grad, epoch.epoch, opts["bins"])
+            ctx.log_histogram(f"grad/{name}", p.grad, epoch.epoch, role=epoch.role, bins=opts["bins"])
 
 
 def layer_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(parameter name, weight)`` of every convolution and linear layer, in registration order."""
     out = []
     for mod_name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m.weight is not None:
+        if (is_conv(m) or is_linear(m)) and m.weight is not None:
             out.append((f"{mod_name}.weight" if mod_name else "weight", m.weight.detach()))
     return out
 
@@ -115,7 +100,7 @@ def resinspect_analyze(ctx) -> Section:
     s = Section(title="Weights", explanation=EXPLANATION, docs="explainer-residual")
     results: dict[str, Any] = {}
     for role, model in ctx.networks():
-        label = ctx.model_name if role == "model" else ctx.twin_name
+        label = ctx.label(role)
         names, stats, samples = _analyse_network(ctx, role, model, opts)
         results[role] = (names, stats, samples)
         rows = [[n, st["mean"], st["std"], st["max_abs"], st["near_zero"], st["spectral_norm"],
@@ -154,7 +139,7 @@ def _compare(s: Section, ctx, results) -> None:
              st["spectral_norm"], twin[n]["spectral_norm"]] for n, st in zip(names_m, stats_m) if n in twin]
     if not rows:
         return
-    s.table(f"Residual vs plain, layer for layer ({ctx.model_name} vs {ctx.twin_name})",
+    s.table(f"Residual vs plain, layer for layer ({ctx.label('model')} vs {ctx.label('twin')})",
             ["layer", "change (residual)", "change (plain)", "spectral norm (residual)", "spectral norm (plain)"], rows)
     rm = float(np.nanmedian([r[1] for r in rows]))
     pm = float(np.nanmedian([r[2] for r in rows]))
@@ -170,7 +155,7 @@ def _figures(s: Section, ctx, results) -> None:
     for role, (names, stats, samples) in results.items():
         if not names:
             continue
-        label = ctx.model_name if role == "model" else ctx.twin_name
+        label = ctx.label(role)
         fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 3.8))
         sns.violinplot(data=[v for v in samples], ax=ax, inner=None, cut=0, density_norm="width", linewidth=0.5,
                        color="#9db3d6")
@@ -180,7 +165,7 @@ def _figures(s: Section, ctx, results) -> None:
                  "of its values, after training.")
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for role, (names, stats, _) in results.items():
-        label = ctx.model_name if role == "model" else ctx.twin_name
+        label = ctx.label(role)
         ax.plot([st.get("relative_change", np.nan) for st in stats], marker="o", ms=3, label=label)
     ax.set(xlabel="layer index (input → output)", ylabel="‖W − W0‖ / ‖W0‖", title="How much each layer learned")
     ax.legend()

@@ -5,19 +5,32 @@ Public API::
     import resinspect
     result = resinspect.run(model="resnet20", data="digits", plugins=["ablation"])
 
-and, for plugin authors, ``hookimpl``, ``Section``, ``RunContext``, ``StashKey``.
+and, for plugin authors, everything in ``__all__``: ``hookimpl``, ``Section`` and its parts, ``RunContext``,
+``StashKey``, the residual anatomy (``residual_blocks``, ``ResidualBlock``), the probes (``capture``,
+``capture_batches``, ``on_forward``, ``block_vjp``, ``BlockLinearization``, ``gradient_split``,
+``eval_mode``, the switches ``bypass`` / ``drop_skip`` / ``forwards_replaced``, the type checks) and
+``pyplot``. A plugin imports only these names (``from resinspect import ...``), built-in plugins included.
 """
 
 __version__ = "0.1.0"
 
-from .anatomy import bypass, drop_skip, residual_blocks  # noqa: E402
+from .anatomy import NoResidualBlocks, ResidualBlock, bypass, drop_skip, forwards_replaced, require_blocks, residual_blocks  # noqa: E402,E501
 from .context import RunContext, StashKey  # noqa: E402
+from .data import DataBundle, load_data  # noqa: E402
+from .errors import ResinspectError  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .models import build_model, load_checkpoint, save_checkpoint  # noqa: E402
-from .data import load_data  # noqa: E402
+from .probes import (BlockLinearization, Captured, assert_clean, block_vjp, capture, capture_batches,  # noqa: E402
+                     eval_mode, gradient_split, hooks_left, is_batchnorm, is_conv, is_linear, on_forward)
+from .results import Results  # noqa: E402
 from .runner import RunResult, run  # noqa: E402
-from .section import Figure, Finding, Section, Table  # noqa: E402
+from .section import Figure, Finding, Section, Table, pyplot  # noqa: E402
+from .settings import RunSettings  # noqa: E402
 
-__all__ = ["run", "RunResult", "hookimpl", "Section", "Finding", "Table", "Figure", "RunContext", "StashKey",
-           "residual_blocks", "bypass", "drop_skip", "build_model", "load_data", "load_checkpoint",
-           "save_checkpoint", "__version__"]
+__all__ = ["run", "RunResult", "RunSettings", "Results", "hookimpl", "Section", "Finding", "Table", "Figure",
+           "pyplot", "RunContext", "StashKey", "DataBundle", "ResinspectError",
+           "residual_blocks", "require_blocks", "ResidualBlock", "NoResidualBlocks",
+           "bypass", "drop_skip", "forwards_replaced",
+           "eval_mode", "on_forward", "capture", "Captured", "capture_batches", "block_vjp", "BlockLinearization",
+           "gradient_split", "is_batchnorm", "is_conv", "is_linear", "hooks_left", "assert_clean",
+           "build_model", "load_data", "load_checkpoint", "save_checkpoint", "__version__"]

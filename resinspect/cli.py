@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -26,6 +25,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ResinspectError, ValueError, TypeError) as e:
             raise click.ClickException(str(e)) from e
+        except OSError as e:  # an environment problem (a file or folder we cannot use): one line, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from e
 
     return wrapper
 
@@ -43,53 +45,30 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
-def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _command_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of run/train that are not run settings: the config file, dataset arguments, overwrite, quiet."""
     opts = [
         click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config file: [run], [train], "
                      "[data] and one table per plugin. Command-line options override it."),
-        click.option("--model", "-m", help="Model name (see `resinspect models`) or package.module:function. "
-                     "Default: resnet20."),
-        click.option("--data", "-d", help="Dataset name (see `resinspect datasets`). Default: digits."),
         click.option("--data-arg", multiple=True, metavar="KEY=VALUE",
                      help="Dataset argument, e.g. size=16 or limit_train=500 (repeatable)."),
-        click.option("--data-root", help="Folder with local dataset files (MNIST, CIFAR-10, ImageFolder). "
-                     "Default: ./data."),
-        click.option("--download", is_flag=True, default=None, help="Let torchvision try to download missing "
-                     "dataset files."),
-        click.option("--epochs", "-e", type=click.IntRange(min=0), help="Training epochs (default 8; 0 with "
-                     "--checkpoint)."),
-        click.option("--twin/--no-twin", default=None, help="Also train the plain twin (same layers, no shortcuts)."),
-        click.option("--checkpoint", type=click.Path(), help="Load the model from this checkpoint instead of "
-                     "training from scratch (with --twin, also the twin.pt saved beside it)."),
-        click.option("--out", "-O", type=click.Path(file_okay=False), help="Run directory (default: a new folder "
-                     "under reports/)."),
         click.option("--overwrite", is_flag=True, help="Replace a run already in --out."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to compute (default auto)."),
-        click.option("--seed", type=int, help="Random seed (default 0): the same seed gives the same numbers on CPU."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Training batch size (default 64)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate (default 1e-3 Adam, "
-                     "0.1 SGD)."),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Optimizer (default adam)."),
-        click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), help="LR schedule (default "
-                     "cosine)."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), help="Weight decay (default 0)."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars (they are also off when stderr is not "
+                     "a terminal)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _settings(kw: dict[str, Any]):
-    from .runner import RunSettings, settings_from_config
+def _settings(kw: dict[str, Any], rows: Any):
+    """The run settings: the config file's, overridden by what was typed (every table row is a keyword)."""
+    from .settings import RunSettings
 
-    s = settings_from_config(kw.pop("config"), RunSettings())
-    for key in ("model", "data", "data_root", "download", "epochs", "twin", "checkpoint", "out", "device", "seed"):
-        if kw.get(key) is not None:
-            setattr(s, key, kw[key])
-    train = {k: kw[k] for k in ("batch_size", "lr", "optimizer", "schedule", "weight_decay") if kw.get(k) is not None}
-    s.train = dataclasses.replace(s.train, **train)
-    s.data_args = {**s.data_args, **_pairs(kw.get("data_arg", ()), "--data-arg")}
+    s = RunSettings.from_config(kw.pop("config"), rows)
+    typed = {name: kw.pop(name) for name in list(kw) if name in s.rows}
+    s.update(typed, "command line")
+    s.data_args = {**s.data_args, **_pairs(kw.pop("data_arg", ()), "--data-arg")}
     return s
 
 
@@ -116,72 +95,81 @@ def _print_summary(result: Any) -> None:
     click.echo(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="resinspect")
-def main() -> None:
-    """resinspect: measure why a residual network works.
+def build_cli(rows: Any = None) -> click.Group:
+    """The ``resinspect`` command group, with run/train options derived from the settings table ``rows``
+    (default :data:`resinspect.settings.SETTINGS`)."""
 
-    Trains (or loads) a residual network, runs analysis plugins on it and writes
-    TensorBoard logs, results.json and one self-contained HTML report.
-    """
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="resinspect")
+    def group() -> None:
+        """resinspect: measure why a residual network works.
 
+        Trains (or loads) a residual network, runs analysis plugins on it and writes
+        TensorBoard logs, results.json and one self-contained HTML report.
+        """
 
-@main.command("run")
-@_run_options
-@click.option("--plugins", "-p", help="Comma-separated plugins to run (names from `resinspect plugins`, module "
-              "paths or .py files). Default: summary,activations,gradflow,weights,ablation,attribution.")
-@click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
-              help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).")
-@click.pass_context
-@_friendly
-def run_cmd(click_ctx: click.Context, plugins: str | None, options: tuple[str, ...], quiet: bool,
-            overwrite: bool, **kw: Any) -> None:
-    """Train (or load) a model, run the analysis plugins, write the report.
-
-    With no arguments: resnet20 on digits, 8 epochs, the default plugins,
-    report in reports/<run>/index.html. Exits non-zero if a plugin failed.
-    """
-    from .plugins import PluginHost
-    from .runner import run
-
-    settings = _settings(kw)
-    host = PluginHost()
-    if plugins is not None:
-        settings.plugins = [p for p in plugins.split(",") if p.strip()]
-    else:
-        settings.plugins = [p for p in settings.plugins if p in host.available] if not kw.get("config") \
-            else settings.plugins
-    result = run(settings=settings, options=list(options), progress=not quiet and sys.stderr.isatty(),
-                 overwrite=overwrite, host=host)
-    _print_summary(result)
-    click_ctx.exit(result.exit_code)
+    _run_command(group, rows)
+    _train_command(group, rows)
+    for command in _COMMANDS:
+        group.add_command(command)
+    return group
 
 
-@main.command("train")
-@_run_options
-@click.pass_context
-@_friendly
-def train_cmd(click_ctx: click.Context, quiet: bool, overwrite: bool, **kw: Any) -> None:
-    """Train a model (and its twin with --twin) without analysis plugins.
+def _run_command(group: click.Group, rows: Any) -> None:
+    from .settings import click_options
 
-    Writes the run directory with model.pt (a checkpoint for --checkpoint),
-    TensorBoard logs and a report of the training curves.
-    """
-    from .runner import run
+    @group.command("run")
+    @click_options("run", rows)
+    @_command_options
+    @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
+                  help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).")
+    @click.pass_context
+    @_friendly
+    def run_cmd(click_ctx: click.Context, options: tuple[str, ...], quiet: bool, overwrite: bool,
+                **kw: Any) -> None:
+        """Train (or load) a model, run the analysis plugins, write the report.
 
-    settings = _settings(kw)
-    settings.plugins = []
-    result = run(settings=settings, progress=not quiet and sys.stderr.isatty(), overwrite=overwrite)
-    final = result.results["training"].get("model", {}).get("epochs", [{}])[-1:] or [{}]
-    if final[0]:
-        click.echo(f"test accuracy {final[0]['test_accuracy']:.3f} after {final[0]['epoch']} epochs")
-    click.echo(f"checkpoint: {result.run_dir / 'model.pt'}")
-    if result.status == "failed":
-        click.secho(f"training failed: {result.results['error']}", fg="red", err=True)
-    click_ctx.exit(result.exit_code)
+        With no arguments: resnet20 on digits, 8 epochs, the default plugins,
+        report in reports/<run>/index.html. Exits non-zero if a plugin failed.
+        """
+        from .runner import run
+
+        settings = _settings(kw, rows)
+        result = run(settings=settings, options=list(options), progress=not quiet and sys.stderr.isatty(),
+                     overwrite=overwrite)
+        _print_summary(result)
+        click_ctx.exit(result.exit_code)
 
 
-@main.command("plugins")
+def _train_command(group: click.Group, rows: Any) -> None:
+    from .settings import click_options
+
+    @group.command("train")
+    @click_options("train", rows)
+    @_command_options
+    @click.pass_context
+    @_friendly
+    def train_cmd(click_ctx: click.Context, quiet: bool, overwrite: bool, **kw: Any) -> None:
+        """Train a model (and its twin with --twin) without analysis plugins.
+
+        Writes the run directory with model.pt (a checkpoint for --checkpoint),
+        TensorBoard logs and a report of the training curves.
+        """
+        from .runner import run
+
+        settings = _settings(kw, rows)
+        settings.plugins = []
+        result = run(settings=settings, progress=not quiet and sys.stderr.isatty(), overwrite=overwrite)
+        final = result.results.training.get("model", {}).get("epochs", [{}])[-1:] or [{}]
+        if final[0]:
+            click.echo(f"test accuracy {final[0]['test_accuracy']:.3f} after {final[0]['epoch']} epochs")
+        click.echo(f"checkpoint: {result.run_dir / 'model.pt'}")
+        if result.status == "failed":
+            click.secho(f"training failed: {result.results.error}", fg="red", err=True)
+        click_ctx.exit(result.exit_code)
+
+
+@click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @_friendly
 def plugins_cmd(as_json: bool) -> None:
@@ -206,28 +194,34 @@ def plugins_cmd(as_json: bool) -> None:
             click.echo(f"    {setting}\n        ({o['type']}{choices}) {o['help']}")
 
 
-@main.command("models")
+@click.command("models")
 def models_cmd() -> None:
-    """List the model names `--model` accepts."""
+    """List the model names `--model` accepts (built in, and added by installed plugins)."""
     from .models import MODELS
+    from .plugins import PluginHost
 
+    PluginHost().register_extensions()
     for spec in MODELS.values():
-        click.echo(f"{spec.name:<24} {spec.description}")
+        source = "" if spec.source == "resinspect" else f" [{spec.source}]"
+        click.echo(f"{spec.name:<24} {spec.description}{source}")
     click.echo(f"{'package.module:function':<24} your own factory; called with in_channels, num_classes, image_size "
                "if it accepts them")
 
 
-@main.command("datasets")
+@click.command("datasets")
 def datasets_cmd() -> None:
-    """List the dataset names `--data` accepts."""
-    from .data import DATASETS
+    """List the dataset names `--data` accepts (built in, and added by installed plugins)."""
+    from .data import DATASETS, dataset_source
+    from .plugins import PluginHost
 
+    PluginHost().register_extensions()
     for name, (_, description) in DATASETS.items():
-        click.echo(f"{name:<14} {description}")
+        source = dataset_source(name)
+        click.echo(f"{name:<14} {description}{'' if source == 'resinspect' else f' [{source}]'}")
 
 
-@main.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False), metavar="RUN_DIR")
 @_friendly
 def report_cmd(run_dir: str) -> None:
     """Re-render RUN_DIR/index.html from its results.json and figures (no recomputation)."""
@@ -236,17 +230,29 @@ def report_cmd(run_dir: str) -> None:
     click.echo(f"wrote {render_run(Path(run_dir))}")
 
 
-@main.command("new-plugin")
+@click.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "parent", default=".", type=click.Path(file_okay=False), help="Where to create the package.")
 @_friendly
 def new_plugin_cmd(name: str, parent: str) -> None:
     """Write a working plugin package NAME: module, pyproject with the entry point, a passing test."""
+    import os
+
+    from .plugins import PluginHost
     from .scaffold import new_plugin
 
+    taken = PluginHost().available.get(name)
+    if taken is not None:
+        click.secho(f"warning: a plugin named '{name}' is already installed ({taken.source}); the two will clash "
+                    "in `--plugins`: consider another name", fg="yellow", err=True)
     root = new_plugin(name, parent)
-    click.echo(f"created {root}: pip install {root} && resinspect run --plugins {name}")
+    # a bare folder name is read by pip as a package to download: give it a path
+    target = root if root.is_absolute() or str(root).startswith((".", os.sep)) else f".{os.sep}{root}"
+    click.echo(f"created {root}: pip install {target} && resinspect run --plugins {name}")
 
+
+_COMMANDS = [plugins_cmd, models_cmd, datasets_cmd, report_cmd, new_plugin_cmd]
+main = build_cli()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+import sys
+from typing import Any, Generic, Iterable, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .anatomy import ResidualBlock, residual_blocks
 from .data import DataBundle
+from .errors import ResinspectError, UnknownNameError
+from .tensorboard import TensorBoardRuns
 
 __all__ = ["RunContext", "Stash", "StashKey"]
 
@@ -51,12 +55,12 @@ class Stash:
 
 @dataclass
 class RunContext:
-    """Everything a plugin may read about the run.
+    """Everything a plugin may read about the run, and the helpers it should use.
 
-    ``model`` (and ``twin``, the plain twin, when ``--twin`` was given) live on
-    ``device``. ``initial_state`` holds CPU copies of each network's weights at
-    initialisation, keyed by role (``"model"``, ``"twin"``). ``writer`` is the
-    run's TensorBoard ``SummaryWriter`` (tags must start with ``<plugin>/``).
+    ``model`` (and ``twin``, the plain twin, when ``--twin`` was given) live on ``device``.
+    ``initial_state`` holds CPU copies of each network's weights at initialisation, keyed by role
+    (``"model"``, ``"twin"``). ``plugin`` is the name of the plugin whose hook is running (set by the host),
+    so :meth:`options` and :meth:`log_scalar` need no name.
     """
 
     model: nn.Module
@@ -66,7 +70,7 @@ class RunContext:
     test_loader: DataLoader
     device: torch.device
     run_dir: Path
-    writer: Any = None
+    tensorboard: TensorBoardRuns = field(default_factory=lambda: TensorBoardRuns(None))
     twin: nn.Module | None = None
     twin_name: str | None = None
     seed: int = 0
@@ -75,18 +79,66 @@ class RunContext:
     initial_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)
     stash: Stash = field(default_factory=Stash)
+    plugin: str | None = None
+    show_progress: bool = False
 
-    def options(self, plugin: str) -> dict[str, Any]:
-        """The resolved options of ``plugin`` (defaults, config file, ``-o``)."""
-        return dict(self.plugin_options.get(plugin, {}))
+    # -- options and names ---------------------------------------------------------------------
+    def options(self, plugin: str | None = None) -> dict[str, Any]:
+        """The resolved options (defaults, config file, ``-o``) of ``plugin``, by default the plugin whose
+        hook is running. An unknown name is an error, not an empty dict."""
+        name = plugin or self.plugin
+        if name is None:
+            raise ResinspectError("ctx.options() outside a plugin hook needs the plugin's name")
+        if name not in self.plugin_options:
+            raise UnknownNameError("plugin", name, self.plugin_options, owner="in this run")
+        return dict(self.plugin_options[name])
+
+    def label(self, role: str) -> str:
+        """The display name of a network by role: ``"model"`` → e.g. ``resnet20``, ``"twin"`` → ``plain20``."""
+        if role == "model":
+            return self.model_name
+        if role == "twin":
+            return self.twin_name or "twin"
+        raise ResinspectError(f"unknown network role '{role}'; valid: model, twin")
+
+    def networks(self) -> list[tuple[str, nn.Module]]:
+        """``[("model", model)]`` plus ``("twin", twin)`` when a twin exists."""
+        return [("model", self.model)] + ([("twin", self.twin)] if self.twin is not None else [])
+
+    def blocks(self, role: str = "model") -> list[ResidualBlock]:
+        """The residual blocks of a network (cached; the twin has none: see :meth:`twin_counterparts`)."""
+        cache = self.__dict__.setdefault("_blocks", {})
+        if role not in cache:
+            cache[role] = residual_blocks(self.model if role == "model" else self.twin)
+        return cache[role]
+
+    def twin_counterparts(self) -> list[tuple[ResidualBlock, nn.Module | None]]:
+        """Each residual block of the model with the twin's module of the same name (None when the twin has
+        none, or no twin exists): the layers a plain-vs-residual comparison puts side by side."""
+        out = []
+        for b in self.blocks("model"):
+            twin_module = None
+            if self.twin is not None:
+                try:
+                    twin_module = self.twin.get_submodule(b.name)
+                except AttributeError:
+                    twin_module = None
+            out.append((b, twin_module))
+        return out
 
     def record_initial_state(self) -> None:
         """Keep CPU copies of every network's current weights as ``initial_state[role]``."""
         for role, m in self.networks():
             self.initial_state[role] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
+    # -- data ----------------------------------------------------------------------------------
     def test_batches(self, limit: int = 0):
-        """Yield ``(x, y)`` test batches on the device, stopping after ``limit`` images (0: all)."""
+        """Yield ``(x, y)`` test batches on the device.
+
+        ``limit`` counts *images*, not batches: iteration stops once ``limit`` images were yielded, and the
+        last batch is cut to fit (``limit=100`` with batches of 64 gives 64 + 36). ``0`` means the whole test
+        set. The order is fixed (the test loader does not shuffle).
+        """
         seen = 0
         for x, y in self.test_loader:
             if limit and seen + len(y) > limit:
@@ -99,12 +151,32 @@ class RunContext:
                 break
 
     def train_batches(self, count: int):
-        """Yield up to ``count`` training batches on the device (in the loader's order)."""
+        """Yield up to ``count`` training *batches* on the device (in the loader's order)."""
         for i, (x, y) in enumerate(self.train_loader):
             if i >= count:
                 break
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def networks(self) -> list[tuple[str, nn.Module]]:
-        """``[("model", model)]`` plus ``("twin", twin)`` when a twin exists."""
-        return [("model", self.model)] + ([("twin", self.twin)] if self.twin is not None else [])
+    # -- output --------------------------------------------------------------------------------
+    def _tag(self, name: str) -> str:
+        return f"{self.plugin}/{name}" if self.plugin else name
+
+    def log_scalar(self, name: str, value: float, step: int = 0, *, role: str = "model") -> None:
+        """Write a scalar to TensorBoard as ``<plugin>/<name>`` in ``role``'s run (``tb/model``, ``tb/twin``),
+        so the same tag of the two networks overlays. Does nothing when the run has no TensorBoard log."""
+        self.tensorboard.scalar(self._tag(name), value, step, role=role)
+
+    def log_histogram(self, name: str, values: torch.Tensor, step: int = 0, *, role: str = "model",
+                      bins: int = 64) -> None:
+        """Write a histogram (computed by torch on the device) as ``<plugin>/<name>`` in ``role``'s run."""
+        self.tensorboard.histogram(self._tag(name), values, step, role=role, bins=bins)
+
+    def progress(self, iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterable[T]:
+        """``iterable`` with a progress bar on stderr (tqdm) when the run shows progress (not with
+        ``--quiet``, nor when stderr is not a terminal); never in the report."""
+        if not self.show_progress:
+            return iterable
+        from tqdm.auto import tqdm
+
+        label = f"{self.plugin}: {desc}" if self.plugin and desc else (desc or self.plugin or "")
+        return tqdm(iterable, desc=label, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -6,7 +6,8 @@ import difflib
 import os
 from typing import Iterable
 
-__all__ = ["ResinspectError", "UnknownNameError", "CheckpointError", "DataError", "TrainingDiverged", "OptionError"]
+__all__ = ["ResinspectError", "UnknownNameError", "CheckpointError", "DataError", "TrainingDiverged", "OptionError",
+           "OutputError"]
 
 
 def closest_match(value: str, valid: Iterable[str]) -> str | None:
@@ -27,12 +28,14 @@ class ResinspectError(Exception):
 class UnknownNameError(ResinspectError, ValueError):
     """A model, dataset, plugin or option name that is not known."""
 
-    def __init__(self, kind: str, value: str, valid: Iterable[str]):
+    def __init__(self, kind: str, value: str, valid: Iterable[str], *, owner: str = ""):
+        """``kind`` is a noun (``"plugin"``); ``owner`` what the names belong to (``"of plugin ablation"``)."""
         self.kind, self.value = kind, value
         self.valid = sorted(valid)
         self.closest = closest_match(value, self.valid)
         hint = f"; did you mean '{self.closest}'?" if self.closest else "."
-        super().__init__(f"unknown {kind} '{value}'{hint} Valid {kind}s: {', '.join(self.valid) or '(none)'}")
+        of = f" {owner}" if owner else ""
+        super().__init__(f"unknown {kind}{of} '{value}'{hint} Valid {kind}s{of}: {', '.join(self.valid) or '(none)'}")
 
 
 class CheckpointError(ResinspectError):
@@ -45,6 +48,10 @@ class DataError(ResinspectError):
 
 class OptionError(ResinspectError, ValueError):
     """A plugin option that is unknown or has a bad value."""
+
+
+class OutputError(ResinspectError):
+    """The run directory (or a file in it) cannot be created or written: the path and the reason."""
 
 
 class TrainingDiverged(ResinspectError):

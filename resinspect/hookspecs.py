@@ -13,6 +13,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from .context import RunContext
+    from .data import DatasetRegistry
+    from .models import ModelRegistry
     from .options import OptionGroup
     from .section import Section
     from .training import EpochInfo, StepInfo, Trainee
@@ -33,11 +35,29 @@ def resinspect_addoptions(options: OptionGroup) -> None:
 
 
 @hookspec
+def resinspect_register_models(registry: ModelRegistry) -> None:
+    """Add models to ``--model``: ``registry.add(name, factory, description)``.
+
+    Called once per installed plugin (whether or not it is selected with ``--plugins``) before a run builds
+    its model, and by ``resinspect models``. ``factory`` is called with ``in_channels``, ``num_classes`` and
+    ``image_size`` when it accepts them. Returns nothing.
+    """
+
+
+@hookspec
+def resinspect_register_datasets(registry: DatasetRegistry) -> None:
+    """Add datasets to ``--data``: ``registry.add(name, loader, description)``.
+
+    Called like :func:`resinspect_register_models`. ``loader(**dataset_args)`` returns a
+    :class:`resinspect.DataBundle`. Returns nothing.
+    """
+
+
+@hookspec
 def resinspect_configure(ctx: RunContext) -> None:
     """Called once, after the model, twin and data exist and before training.
 
-    Read your options with ``ctx.options(<plugin>)``; keep state in
-    ``ctx.stash``. Returns nothing.
+    Read your options with ``ctx.options()``; keep state in ``ctx.stash``. Returns nothing.
     """
 
 
@@ -61,7 +81,9 @@ def resinspect_after_backward(ctx: RunContext, step: StepInfo) -> None:
 @hookspec
 def resinspect_epoch_end(ctx: RunContext, epoch: EpochInfo) -> None:
     """Called after each training epoch's test evaluation, with ``epoch.metrics``
-    (train/test loss and accuracy, learning rate). Returns nothing.
+    (train/test loss and accuracy, learning rate). The network is in *train* mode here: a forward pass
+    updates BatchNorm's running statistics unless it runs inside ``resinspect.eval_mode(model)`` (or a probe
+    such as ``resinspect.capture_batches``, which uses it). Returns nothing.
     """
 
 

@@ -7,9 +7,34 @@ from typing import Any, Callable, Iterable
 
 from .errors import OptionError, UnknownNameError
 
-__all__ = ["Option", "OptionGroup", "OptionRegistry"]
+__all__ = ["Option", "OptionGroup", "OptionRegistry", "convert"]
 
 _TYPES = (int, float, str, bool, list)
+
+
+def convert(kind: type, value: Any) -> Any:
+    """``value`` (a command-line string or a TOML value) as ``kind`` (bool, list, int, float, or anything
+    else as a string); raises ``ValueError`` when it is not one."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if kind is list:
+        return list(value) if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",")
+                                                                     if v.strip()]
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        return float(value)
+    return str(value)
 
 
 @dataclass
@@ -29,28 +54,7 @@ class Option:
     def coerce(self, value: Any) -> Any:
         """Convert ``value`` (a CLI string or a TOML value) to the option's type, or raise OptionError."""
         try:
-            if self.type is bool:
-                if isinstance(value, bool):
-                    out = value
-                elif str(value).lower() in ("1", "true", "yes", "on"):
-                    out = True
-                elif str(value).lower() in ("0", "false", "no", "off"):
-                    out = False
-                else:
-                    raise ValueError
-            elif self.type is list:
-                out = list(value) if isinstance(value, (list, tuple)) else [
-                    v.strip() for v in str(value).split(",") if v.strip()]
-            elif self.type is int:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError
-                out = int(value)
-            elif self.type is float:
-                if isinstance(value, bool):
-                    raise ValueError
-                out = float(value)
-            else:
-                out = str(value)
+            out = convert(self.type, value)
         except (TypeError, ValueError):
             raise OptionError(f"option {self.key}: {value!r} is not a valid {self.type.__name__}") from None
         if self.choices is not None:
@@ -129,5 +133,5 @@ class OptionRegistry:
             raise UnknownNameError("plugin", plugin, self.groups)
         group = self.groups[plugin]
         if name not in group.options:
-            raise UnknownNameError(f"option of plugin {plugin}", name, group.options)
+            raise UnknownNameError("option", name, group.options, owner=f"of plugin {plugin}")
         return group.options[name]

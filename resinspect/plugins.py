@@ -32,7 +32,7 @@ __all__ = ["PluginHost", "PluginInfo", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "resinspect"
 # The analyses `resinspect run` uses when --plugins is not given.
-DEFAULT_PLUGINS = ("summary", "activations", "gradflow", "weights", "ablation", "attribution")
+DEFAULT_PLUGINS = ("summary", "activations", "formulas", "gradflow", "weights", "ablation", "attribution")
 TRACE_ENV = "RESINSPECT_TRACE_PLUGINS"
 
 
@@ -185,6 +185,26 @@ class PluginHost:
                 group.options.clear()
         return registry
 
+    def register_extensions(self) -> None:
+        """Let every available plugin add models and datasets (``resinspect_register_models`` /
+        ``resinspect_register_datasets``); one that raises is reported as broken, not fatal."""
+        if getattr(self, "_extensions_registered", False):
+            return
+        self._extensions_registered = True
+        from .data import DatasetRegistry
+        from .models import ModelRegistry
+
+        for name, info in self.available.items():
+            for hook, registry in (("resinspect_register_models", ModelRegistry(name)),
+                                   ("resinspect_register_datasets", DatasetRegistry(name))):
+                fn = getattr(info.plugin, hook, None) if info.plugin else None
+                if fn is None:
+                    continue
+                try:
+                    fn(registry=registry)
+                except Exception as e:  # noqa: BLE001 - a broken plugin is reported, not fatal
+                    info.load_error = f"{hook} raised {type(e).__name__}: {e}"
+
     # -- calling ---------------------------------------------------------------------------
     def _hook_impls(self, hook: str) -> list[tuple[str, Any, tuple[str, ...]]]:
         if hook not in self._impls:
@@ -197,19 +217,27 @@ class PluginHost:
     def has(self, hook: str) -> bool:
         return any(name not in self.failures for name, _, _ in self._hook_impls(hook))
 
-    def call(self, hook: str, *, include_failed: bool = False, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call ``hook`` on each active plugin; returns ``[(plugin, result)]`` of those that succeeded."""
+    def call(self, hook: str, *, include_failed: bool = False, only: str | None = None,
+             **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call ``hook`` on each active plugin (or on ``only``); returns ``[(plugin, result)]`` of those that
+        succeeded."""
         results = []
+        ctx = kwargs.get("ctx")
         for name, fn, argnames in self._hook_impls(hook):
-            if name in self.failures and not include_failed:
+            if (name in self.failures and not include_failed) or (only is not None and name != only):
                 continue
             start = time.perf_counter()
+            outer = getattr(ctx, "plugin", None)
+            if ctx is not None:
+                ctx.plugin = name  # so ctx.options() and ctx.log_scalar() know whose hook this is
             try:
                 result = fn(**{a: kwargs[a] for a in argnames})
             except Exception as e:  # noqa: BLE001 - isolation is the point
                 self._fail(name, hook, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
             finally:
+                if ctx is not None:
+                    ctx.plugin = outer
                 elapsed = time.perf_counter() - start
                 self.timings[name] = self.timings.get(name, 0.0) + elapsed
                 if self.trace:
@@ -223,10 +251,19 @@ class PluginHost:
             if self.trace:
                 sys.stderr.write(f"[resinspect] plugin {name} failed in {hook}: {error}\n")
 
-    def analyze(self, ctx: Any) -> dict[str, list[Section]]:
-        """Run ``resinspect_analyze`` on every active plugin; failed plugins get an error section."""
+    def analyze(self, ctx: Any, progress: bool = False) -> dict[str, list[Section]]:
+        """Run ``resinspect_analyze`` on every active plugin (saying which one runs when ``progress``);
+        failed plugins get an error section."""
         sections: dict[str, list[Section]] = {name: [] for name in self.active}
-        for name, result in self.call("resinspect_analyze", ctx=ctx):
+        returned = []
+        for name, _, _ in self._hook_impls("resinspect_analyze"):
+            if name in self.failures:
+                continue
+            if progress:
+                sys.stderr.write(f"[resinspect] analysing: {name}\n")
+                sys.stderr.flush()
+            returned += self.call("resinspect_analyze", ctx=ctx, only=name)
+        for name, result in returned:
             items = [] if result is None else result if isinstance(result, list) else [result]
             bad = [type(s).__name__ for s in items if not isinstance(s, Section)]
             if bad:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import tempfile
@@ -14,28 +12,37 @@ from typing import Any
 
 import tomli_w
 
-from .errors import ResinspectError
-from .section import Section
+from .errors import OutputError, ResinspectError
 
-__all__ = ["write_atomic", "new_run_dir", "save_results", "load_results", "render_run", "SCHEMA_VERSION",
-           "RESULTS_FILE", "read_config_file"]
+__all__ = ["write_atomic", "new_run_dir", "render_run", "read_config_file", "dump_toml", "output_error"]
 
-SCHEMA_VERSION = 1
-RESULTS_FILE = "results.json"
 _RUN_MARKERS = ("results.json", "index.html")
 
 
+def output_error(path: str | os.PathLike, action: str, e: OSError) -> OutputError:
+    """One line for an operating-system error at the output edge: the path, what failed and why."""
+    reason = e.strerror or str(e)
+    return OutputError(f"output {path}: cannot {action}: {reason}")
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: readers never see half a file."""
+    """Write to a temporary file in the same folder, then rename over ``path``: readers never see half a file.
+
+    An operating-system error (no permission, disk full, …) becomes :class:`OutputError` naming the path;
+    the previous file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
+    except OSError as e:
+        raise output_error(path, "write", e) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -52,7 +59,7 @@ def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: s
                                       "choose another --out or pass --overwrite")
             for marker in _RUN_MARKERS:  # an old report must never pass for the new run's
                 (path / marker).unlink(missing_ok=True)
-        path.mkdir(parents=True, exist_ok=True)
+        _mkdir(path, exist_ok=True)
         return path
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
     base = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}"
@@ -60,86 +67,30 @@ def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: s
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
+    _mkdir(path, exist_ok=False)
     return path
 
 
-def save_results(run_dir: Path, results: dict[str, Any], sections: dict[str, list[Section]],
-                 core_sections: list[Section]) -> None:
-    """Write figures, then results.json (sections serialised with their figure files)."""
-    def dump(owner: str, secs: list[Section]) -> list[dict[str, Any]]:
-        out = []
-        for si, s in enumerate(secs):
-            files = []
-            for fi, fig in enumerate(s.figures):
-                rel = f"figures/{re.sub(r'[^A-Za-z0-9_-]+', '-', owner)}-{si}-{fi}.png"
-                write_atomic(run_dir / rel, fig.png)
-                files.append(rel)
-            out.append(s.to_dict(files))
-        return out
-
-    results["core_sections"] = dump("core", core_sections)
-    for name, secs in sections.items():
-        results["plugins"].setdefault(name, {})["sections"] = dump(name, secs)
-    write_atomic(run_dir / RESULTS_FILE, results_json(results))
-
-
-def _finite(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf: "nan", "inf", "-inf"
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
-
-
-def results_json(results: dict[str, Any]) -> str:
-    """Strict JSON (non-finite floats become strings), for results.json."""
-    return json.dumps(_finite(results), indent=2, allow_nan=False, default=str)
-
-
-def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise ResinspectError(f"{path}: no such file; is {run_dir} a resinspect run directory?")
+def _mkdir(path: Path, exist_ok: bool) -> None:
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResinspectError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(results, dict) or results.get("schema") != "resinspect.results":
-        raise ResinspectError(f"{path}: not a resinspect results file")
-    if results.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ResinspectError(f"{path}: schema version {results['schema_version']} is newer than this resinspect "
-                              f"understands ({SCHEMA_VERSION})")
-    return results
-
-
-def sections_from_results(run_dir: Path, results: dict[str, Any]) -> list[Section]:
-    def load_png(rel: str) -> bytes:
-        target = (run_dir / rel).resolve()
-        if run_dir.resolve() not in target.parents:
-            raise ResinspectError(f"{run_dir / RESULTS_FILE}: figure path {rel!r} points outside the run directory")
-        if not target.is_file():
-            raise ResinspectError(f"{run_dir}: figure {rel} listed in results.json is missing")
-        return target.read_bytes()
-
-    sections = [Section.from_dict(d, load_png) for d in results.get("core_sections", [])]
-    for plugin in results.get("plugins", {}).values():
-        sections += [Section.from_dict(d, load_png) for d in plugin.get("sections", [])]
-    return sections
+        path.mkdir(parents=True, exist_ok=exist_ok)
+        probe = path / f".resinspect-write-test-{os.getpid()}"
+        probe.write_bytes(b"")  # a folder that exists but is read-only fails here, before any work
+        probe.unlink()
+    except OSError as e:
+        raise output_error(path, "create the run directory" if not path.is_dir() else "write into it", e) from e
 
 
 def render_run(run_dir: str | os.PathLike) -> Path:
     """Re-render ``run_dir/index.html`` from results.json and the stored figures; nothing is recomputed."""
     from .report import render_html
+    from .results import Results
 
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    results = Results.read(run_dir)
     config = run_dir / "config.toml"
     config_text = config.read_text(encoding="utf-8") if config.is_file() else ""
-    html = render_html(results, sections_from_results(run_dir, results), config_text)
-    write_atomic(run_dir / "index.html", html)
+    write_atomic(run_dir / "index.html", render_html(results, config_text))
     return run_dir / "index.html"
 
 

@@ -14,8 +14,7 @@ _MODULE = '''"""{title}: describe in one line what this plugin measures."""
 
 import torch
 
-from resinspect import Section, hookimpl
-from resinspect.anatomy import residual_blocks
+from resinspect import Section, hookimpl, residual_blocks
 
 NAME = "{name}"
 

@@ -13,10 +13,15 @@ from typing import Any
 __all__ = ["Section", "Finding", "Table", "Figure", "SEVERITIES", "pyplot"]
 
 SEVERITIES = ("info", "good", "warning", "critical")
+FOLD_ROWS = 60
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to PNG, never to a screen)."""
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (figures go to PNG, never to a screen).
+
+    Use it instead of ``import matplotlib.pyplot`` in a plugin: ``plt = pyplot(); fig, ax = plt.subplots()``,
+    draw, then ``section.figure(fig, title, caption)``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,10 +44,18 @@ class Finding:
 
 @dataclass
 class Table:
+    """Rows of cells under named columns. ``fold``: show the table collapsed (``<details>``) in the report;
+    None folds tables of more than :data:`FOLD_ROWS` rows."""
+
     title: str
     columns: list[str]
     rows: list[list[Any]]
     caption: str = ""
+    fold: bool | None = None
+
+    @property
+    def folded(self) -> bool:
+        return self.fold if self.fold is not None else len(self.rows) > FOLD_ROWS
 
     def __post_init__(self) -> None:
         for i, row in enumerate(self.rows):
@@ -52,7 +65,8 @@ class Table:
 
 @dataclass
 class Figure:
-    """A PNG image with a title and caption. Build one from matplotlib with :meth:`from_matplotlib`."""
+    """A PNG image with a title and caption. Build one from matplotlib with :meth:`from_matplotlib`
+    (which closes the matplotlib figure once it is saved: draw everything first)."""
 
     title: str
     png: bytes
@@ -82,6 +96,9 @@ class Section:
         metrics: flat ``name -> number or string``; numbers also go to TensorBoard as ``<plugin>/<name>``.
         tables, figures: supporting data.
         docs: a link (relative to the docs folder) to the explainer paragraph this section tests.
+        role: the network the section is about when it is about one (``"model"`` or ``"twin"``): its metrics
+            go to that network's TensorBoard run. None: the model's run; metric names starting with
+            ``model/`` or ``twin/`` go to that network's run either way.
         plugin, status, error, traceback: filled in by the host.
     """
 
@@ -92,6 +109,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     docs: str | None = None
+    role: str | None = None
     plugin: str = ""
     status: str = "ok"
     error: str | None = None
@@ -100,19 +118,21 @@ class Section:
     def finding(self, text: str, severity: str = "info") -> None:
         self.findings.append(Finding(text, severity))
 
-    def table(self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "") -> None:
-        self.tables.append(Table(title, columns, rows, caption))
+    def table(self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "",
+              fold: bool | None = None) -> None:
+        self.tables.append(Table(title, columns, rows, caption, fold))
 
     def figure(self, fig: Any, title: str, caption: str = "", alt: str = "") -> None:
+        """Add a matplotlib figure as a PNG; the figure is closed afterwards."""
         self.figures.append(Figure.from_matplotlib(fig, title, caption, alt))
 
     def to_dict(self, figure_files: list[str]) -> dict[str, Any]:
         return {
             "title": self.title, "plugin": self.plugin, "status": self.status, "explanation": self.explanation,
-            "docs": self.docs, "findings": [{"text": f.text, "severity": f.severity} for f in self.findings],
+            "docs": self.docs, "role": self.role, "findings": [{"text": f.text, "severity": f.severity} for f in self.findings],
             "metrics": {k: _jsonable(v) for k, v in self.metrics.items()},
             "tables": [{"title": t.title, "columns": t.columns, "rows": [[_jsonable(c) for c in r] for r in t.rows],
-                        "caption": t.caption} for t in self.tables],
+                        "caption": t.caption, "fold": t.fold} for t in self.tables],
             "figures": [{"title": f.title, "caption": f.caption, "alt": f.alt, "file": path}
                         for f, path in zip(self.figures, figure_files)],
             "error": self.error, "traceback": self.traceback,
@@ -122,10 +142,11 @@ class Section:
     def from_dict(cls, d: dict[str, Any], load_png: Any) -> "Section":
         return cls(
             title=d["title"], plugin=d.get("plugin", ""), status=d.get("status", "ok"),
-            explanation=d.get("explanation", ""), docs=d.get("docs"),
+            explanation=d.get("explanation", ""), docs=d.get("docs"), role=d.get("role"),
             findings=[Finding(f["text"], f.get("severity", "info")) for f in d.get("findings", [])],
             metrics=dict(d.get("metrics", {})),
-            tables=[Table(t["title"], t["columns"], t["rows"], t.get("caption", "")) for t in d.get("tables", [])],
+            tables=[Table(t["title"], t["columns"], t["rows"], t.get("caption", ""), t.get("fold"))
+                    for t in d.get("tables", [])],
             figures=[Figure(f["title"], load_png(f["file"]), f.get("caption", ""), f.get("alt", ""))
                      for f in d.get("figures", [])],
             error=d.get("error"), traceback=d.get("traceback"))
@@ -133,7 +154,7 @@ class Section:
 
 def _jsonable(v: Any) -> Any:
     """Numbers, strings, bools and None pass; numpy/torch scalars become Python (NaN/inf are left to
-    ``rundir.results_json``)."""
+    ``results.results_json``)."""
     if hasattr(v, "item") and callable(v.item):
         try:
             v = v.item()

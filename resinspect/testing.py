@@ -19,7 +19,8 @@ from .data import DataBundle, load_data, make_loaders
 from .models import build_model
 from .section import Section
 
-__all__ = ["TwoBlockNet", "tiny_data", "make_context", "run_plugin", "hook_count", "overridden_forwards"]
+__all__ = ["TwoBlockNet", "tiny_data", "make_context", "run_plugin", "hook_count", "overridden_forwards",
+           "check_contract", "CONTRACT_MODELS"]
 
 
 class _Block(nn.Module):
@@ -64,10 +65,27 @@ def tiny_data(train: int = 256, test: int = 128, size: int = 8) -> DataBundle:
                       num_classes=10, class_names=full.class_names, info={"size": size, "subset": [train, test]})
 
 
+def _resolved_options(options: dict[str, dict[str, Any]] | list[str] | None) -> dict[str, dict[str, Any]]:
+    """Every installed plugin's options with their defaults, overridden by ``options`` (nested by plugin,
+    or ``"plugin.name=value"`` strings: the shapes :func:`resinspect.run` accepts)."""
+    from .plugins import PluginHost
+
+    registry = PluginHost().option_registry()
+    if isinstance(options, dict):
+        return registry.resolve(options, [])
+    return registry.resolve({}, list(options or []))
+
+
 def make_context(model: str | nn.Module = "resnet20", data: DataBundle | None = None, twin: str | None = None,
-                 run_dir: str | Path | None = None, options: dict[str, dict[str, Any]] | None = None,
-                 seed: int = 0, batch_size: int = 64) -> RunContext:
-    """A ready :class:`RunContext` on CPU (untrained model; no TensorBoard writer)."""
+                 run_dir: str | Path | None = None, options: dict[str, dict[str, Any]] | list[str] | None = None,
+                 seed: int = 0, batch_size: int = 64, plugin: str | None = None) -> RunContext:
+    """A ready :class:`RunContext` on CPU (untrained model; TensorBoard off).
+
+    ``options`` has the shape :func:`resinspect.run` takes (``{"ablation": {"samples": 10}}`` or
+    ``["ablation.samples=10"]``); every installed plugin's defaults are applied first. ``plugin`` makes
+    ``ctx.options()`` (without a name) answer for that plugin, as it does inside its hooks. Without
+    ``run_dir`` the context writes into a temporary folder that is removed when the process exits.
+    """
     data = data or tiny_data()
     torch.manual_seed(seed)
     net = build_model(model, data.in_channels, data.num_classes, data.image_size) if isinstance(model, str) else model
@@ -78,27 +96,38 @@ def make_context(model: str | nn.Module = "resnet20", data: DataBundle | None = 
     train, test = make_loaders(data, batch_size, seed)
     ctx = RunContext(model=net.eval(), model_name=model if isinstance(model, str) else type(model).__name__,
                      data=data, train_loader=train, test_loader=test, device=torch.device("cpu"),
-                     run_dir=Path(run_dir or tempfile.mkdtemp(prefix="resinspect-test-")), twin=twin_net,
-                     twin_name=twin, seed=seed, plugin_options=options or {})
+                     run_dir=Path(run_dir) if run_dir is not None else _temporary_dir(), twin=twin_net,
+                     twin_name=twin, seed=seed, plugin_options=_resolved_options(options), plugin=plugin)
     for _, m in ctx.networks():
         m.eval()
     ctx.record_initial_state()
     return ctx
 
 
+def _temporary_dir() -> Path:
+    folder = tempfile.TemporaryDirectory(prefix="resinspect-test-")
+    _KEEP.append(folder)  # removed at interpreter exit by TemporaryDirectory's finaliser
+    return Path(folder.name)
+
+
+_KEEP: list[tempfile.TemporaryDirectory] = []
+
+
 def run_plugin(plugin: str, model: str | nn.Module = "resnet20", data: DataBundle | None = None,
-               epochs: int = 1, twin: bool = False, options: dict[str, Any] | None = None,
+               epochs: int = 1, twin: bool = False, options: dict[str, dict[str, Any]] | list[str] | None = None,
                out: str | Path | None = None, seed: int = 0, batch_size: int = 64) -> Section:
     """Run one plugin end to end through :func:`resinspect.run` and return its (first) section.
 
-    Raises ``AssertionError`` with the plugin's traceback if it failed.
+    ``options`` has the shape :func:`resinspect.run` takes. Without ``out`` the run directory is a temporary
+    folder deleted before this returns (the section and ``section.run_result`` stay in memory); pass
+    ``out`` to keep the files. Raises ``AssertionError`` with the plugin's traceback if it failed.
     """
     from .runner import run
 
-    result = run(model=model, data=data or tiny_data(), plugins=[plugin], epochs=epochs, twin=twin,
-                 options={plugin.rsplit(".", 1)[-1]: options} if options else None,
-                 out=out or tempfile.mkdtemp(prefix="resinspect-test-"), device="cpu", seed=seed,
-                 batch_size=batch_size, overwrite=True)
+    with tempfile.TemporaryDirectory(prefix="resinspect-test-") as tmp:
+        result = run(model=model, data=data or tiny_data(), plugins=[plugin], epochs=epochs, twin=twin,
+                     options=options, out=out or tmp, device="cpu", seed=seed, batch_size=batch_size,
+                     overwrite=True)
     name = next(iter(result.sections))
     sections = result.sections[name]
     if not sections:
@@ -118,3 +147,96 @@ def hook_count(model: nn.Module) -> int:
 def overridden_forwards(model: nn.Module) -> list[str]:
     """Modules whose ``forward`` is patched on the instance (should be empty after any analysis)."""
     return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+
+
+CONTRACT_MODELS = ("resnet20", "plain20", "torchvision:resnet18")
+
+
+def check_contract(plugin: str, models: tuple[str, ...] = CONTRACT_MODELS,
+                   options: dict[str, dict[str, Any]] | None = None, data: DataBundle | None = None) -> None:
+    """The contract every resinspect plugin must pass, for third-party packages to run in their own tests.
+
+    For each model (untrained, 1 epoch on a tiny dataset, CPU): the run completes; every section has an
+    explanation; the same seed gives the same findings, metrics and tables twice; no hook or patched
+    forward is left on the networks, which are back in eval mode (also with a twin); TensorBoard tags lie
+    under the plugin's own name (or ``train/``); and when the plugin's analysis raises, the run still
+    finishes, marks it failed and leaves the networks clean. Raises ``AssertionError`` naming the breach.
+    """
+    from .plugins import PluginHost
+    from .probes import hooks_left
+
+    data = data or tiny_data(train=64, test=32)
+    for model in models:
+        with tempfile.TemporaryDirectory(prefix="resinspect-contract-") as tmp:
+            first = _contract_run(plugin, model, data, Path(tmp) / "a", options)
+            second = _contract_run(plugin, model, data, Path(tmp) / "b", options)
+            sections = first.sections[plugin]
+            _require(sections and all(s.explanation.strip() for s in sections),
+                     f"{plugin} on {model}: every section needs an explanation")
+            _require(_comparable(first, plugin) == _comparable(second, plugin),
+                     f"{plugin} on {model}: two runs with the same seed differ")
+            left = hooks_left(first.model)
+            _require(not left and not first.model.training, f"{plugin} on {model}: left on the model: {left}"
+                     f"{' (and the model in train mode)' if first.model.training else ''}")
+            tags = _tensorboard_tags(Path(tmp) / "a" / "tb")
+            stray = sorted(t for t in tags if t.split("/")[0] not in (plugin, "train"))
+            _require(not stray, f"{plugin} on {model}: TensorBoard tags outside '{plugin}/': {stray[:5]}")
+    with tempfile.TemporaryDirectory(prefix="resinspect-contract-") as tmp:
+        twin = _contract_run(plugin, models[0], data, Path(tmp) / "t", options, twin=True)
+        for net in (twin.model, twin.twin):
+            _require(not hooks_left(net) and not net.training, f"{plugin} with a twin: a network is left unclean")
+        host = PluginHost()
+        module = host.available[plugin].plugin
+        original = getattr(module, "resinspect_analyze", None)
+
+        def boom(ctx):
+            raise RuntimeError(f"{plugin} forced failure")
+
+        from .hookspecs import hookimpl
+
+        setattr(module, "resinspect_analyze", hookimpl(boom))
+        try:
+            failed = _contract_run(plugin, models[0], data, Path(tmp) / "f", options, host=host)
+        finally:
+            if original is None:
+                delattr(module, "resinspect_analyze")
+            else:
+                setattr(module, "resinspect_analyze", original)
+        _require(failed.results.plugins[plugin].status == "failed" and failed.exit_code == 1,
+                 f"{plugin}: a raising analysis must mark the plugin failed and the exit status non-zero")
+        _require(not hooks_left(failed.model), f"{plugin}: hooks left after a forced failure")
+
+
+def _require(ok: Any, message: str) -> None:
+    if not ok:
+        raise AssertionError(message)
+
+
+def _contract_run(plugin: str, model: str, data: DataBundle, out: Path, options: Any, twin: bool = False,
+                  host: Any = None) -> Any:
+    from .runner import run
+
+    result = run(model=model, data=data, plugins=[plugin], epochs=1, twin=twin, device="cpu", seed=3, out=out,
+                 options=options, batch_size=32, host=host)
+    if host is None:
+        _require(result.status == "complete",
+                 f"{plugin} on {model} failed: {result.results.plugins[plugin].traceback}")
+    return result
+
+
+def _comparable(result: Any, plugin: str) -> list[dict[str, Any]]:
+    import json
+
+    stored = json.loads((result.run_dir / "results.json").read_text())
+    return [{k: s[k] for k in ("title", "findings", "metrics", "tables")}
+            for s in stored["plugins"][plugin]["sections"]]
+
+
+def _tensorboard_tags(root: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer(size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    mux.AddRunsFromDirectory(str(root))
+    mux.Reload()
+    return {t for run in mux.Runs().values() for kind in ("scalars", "images", "histograms", "tensors")
+            for t in run.get(kind, [])}

@@ -14,9 +14,8 @@ import copy
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .errors import TrainingDiverged
+from .probes import eval_mode
 
 __all__ = ["TrainConfig", "Trainee", "StepInfo", "EpochInfo", "History", "train_model", "evaluate",
-           "resolve_device", "eval_mode"]
+           "resolve_device", "eval_mode"]  # eval_mode lives in probes; kept importable here
 
 
 @dataclass
@@ -107,18 +107,6 @@ class HookCaller(Protocol):
     def call(self, hook: str, **kwargs: Any) -> list[Any]: ...
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; on exit give every submodule back exactly the mode it had."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if isinstance(device, torch.device):
@@ -166,19 +154,28 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
 
 
 class _Progress:
+    """The training progress bar (tqdm, on stderr); nothing at all when disabled."""
+
     def __init__(self, enabled: bool, role: str, epochs: int, steps: int):
-        self.enabled, self.role, self.epochs, self.steps = enabled, role, epochs, steps
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=epochs * steps, desc=f"train {role}", unit="step", file=sys.stderr,
+                            dynamic_ncols=True, leave=True)
 
     def update(self, epoch: int, step: int, loss: float) -> None:
-        if self.enabled:
-            done = int(20 * step / max(1, self.steps))
-            sys.stderr.write(f"\r{self.role:>5} epoch {epoch + 1}/{self.epochs} [{'#' * done:<20}] "
-                             f"{step}/{self.steps} loss {loss:.4f}")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", refresh=False)
 
     def epoch_done(self, metrics: dict[str, float]) -> None:
-        if self.enabled:
-            sys.stderr.write(f"  test acc {metrics['test_accuracy']:.3f}\n")
+        if self.bar is not None:
+            self.bar.set_postfix(epoch=metrics["epoch"], test_acc=f"{metrics['test_accuracy']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
@@ -195,75 +192,96 @@ def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoa
     of the last good epoch.
     """
     cfg.validate()
-    generator = getattr(train_loader, "generator", None)
-    if generator is not None:
-        generator.manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    optimizer = _optimizer(model, cfg)
-    steps_per_epoch = len(train_loader)
-    scheduler = _scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch if cfg.schedule == "cosine" else cfg.epochs)
-    per_step_schedule = cfg.schedule == "cosine"
-    has = (lambda h: hooks is not None and hooks.has(h))
-    trainee = Trainee(role, model, optimizer, cfg.epochs, steps_per_epoch)
-    history = History()
-    bar = _Progress(progress, role, cfg.epochs, steps_per_epoch)
-    last_good = copy.deepcopy(model.state_dict())
-    start = time.perf_counter()
-    if has("resinspect_train_start"):
-        hooks.call("resinspect_train_start", ctx=ctx, trainee=trainee)
-    global_step = 0
-    for epoch in range(cfg.epochs):
+    loop = _Loop(model, train_loader, test_loader, cfg, device, role, hooks, ctx, writer, progress, on_epoch_end)
+    try:
+        loop.call("resinspect_train_start", trainee=loop.trainee)
+        for epoch in range(cfg.epochs):
+            loop.epoch(epoch)
+        loop.call("resinspect_train_end", trainee=loop.trainee)
+    finally:
+        loop.bar.close()
+    loop.history.seconds = time.perf_counter() - loop.start
+    model.eval()
+    return loop.history
+
+
+class _Loop:
+    """The state of one network's training: optimiser, schedule, history, last good weights."""
+
+    def __init__(self, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
+                 device: torch.device, role: str, hooks: HookCaller | None, ctx: Any, writer: Any,
+                 progress: bool, on_epoch_end: Any):
+        generator = getattr(train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model, self.train_loader, self.test_loader = model.to(device), train_loader, test_loader
+        self.cfg, self.device, self.role, self.hooks, self.ctx = cfg, device, role, hooks, ctx
+        self.writer, self.on_epoch_end = writer, on_epoch_end
+        self.optimizer = _optimizer(model, cfg)
+        steps = len(train_loader)
+        self.per_step_schedule = cfg.schedule == "cosine"
+        self.scheduler = _scheduler(self.optimizer, cfg, cfg.epochs * steps if self.per_step_schedule else cfg.epochs)
+        self.trainee = Trainee(role, model, self.optimizer, cfg.epochs, steps)
+        self.history = History()
+        self.bar = _Progress(progress, role, cfg.epochs, steps)
+        self.last_good = copy.deepcopy(model.state_dict())
+        self.start = time.perf_counter()
+        self.global_step = 0
+
+    def call(self, hook: str, **kwargs: Any) -> None:
+        if self.hooks is not None and self.hooks.has(hook):
+            self.hooks.call(hook, ctx=self.ctx, **kwargs)
+
+    def epoch(self, epoch: int) -> None:
+        model, device = self.model, self.device
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for i, (x, y) in enumerate(train_loader):
+        for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                model.load_state_dict(last_good)
-                good = f"the weights of epoch {epoch}, the last good one" if epoch else "its initial weights"
-                raise TrainingDiverged(
-                    f"{role}: the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; training stopped. "
-                    f"The model keeps {good}. Try a smaller --lr.", history)
-            if has("resinspect_after_backward"):
-                hooks.call("resinspect_after_backward", ctx=ctx,
-                           step=StepInfo(role, model, epoch, global_step, loss.detach()))
-            optimizer.step()
-            if scheduler is not None and per_step_schedule:
-                scheduler.step()
-            history.step_losses.append(loss_value)
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss, logits = self.step(epoch, i, x, y)
+            loss_sum += loss.double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            global_step += 1
-            if writer is not None:
-                writer.add_scalar(f"train/{role}/loss", loss_value, global_step)
-            bar.update(epoch, i + 1, loss_value)
-        if scheduler is not None and not per_step_schedule:
-            scheduler.step()
-        test = evaluate(model, test_loader, device)
+        if self.scheduler is not None and not self.per_step_schedule:
+            self.scheduler.step()
+        test = evaluate(model, self.test_loader, device)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
                    "train_accuracy": correct.item() / max(1, seen), "test_loss": test["loss"],
-                   "test_accuracy": test["accuracy"], "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - start}
-        history.epochs.append(metrics)
-        bar.epoch_done(metrics)
-        if writer is not None:
+                   "test_accuracy": test["accuracy"], "lr": self.optimizer.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - self.start}
+        self.history.epochs.append(metrics)
+        self.bar.epoch_done(metrics)
+        if self.writer is not None:
             for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-                writer.add_scalar(f"train/{role}/{k}", metrics[k], epoch + 1)
-        last_good = copy.deepcopy(model.state_dict())
-        if on_epoch_end is not None:
-            on_epoch_end(model, metrics)
-        if has("resinspect_epoch_end"):
-            hooks.call("resinspect_epoch_end", ctx=ctx, epoch=EpochInfo(role, model, epoch + 1, metrics))
-    if has("resinspect_train_end"):
-        hooks.call("resinspect_train_end", ctx=ctx, trainee=trainee)
-    history.seconds = time.perf_counter() - start
-    model.eval()
-    return history
+                self.writer.add_scalar(f"train/{k}", metrics[k], epoch + 1)
+        self.last_good = copy.deepcopy(model.state_dict())
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(model, metrics)
+        self.call("resinspect_epoch_end", epoch=EpochInfo(self.role, model, epoch + 1, metrics))
+
+    def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            self.model.load_state_dict(self.last_good)
+            good = f"the weights of epoch {epoch}, the last good one" if epoch else "its initial weights"
+            raise TrainingDiverged(
+                f"{self.role}: the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; training stopped. "
+                f"The model keeps {good}. Try a smaller --lr.", self.history)
+        self.call("resinspect_after_backward",
+                  step=StepInfo(self.role, self.model, epoch, self.global_step, loss.detach()))
+        self.optimizer.step()
+        if self.scheduler is not None and self.per_step_schedule:
+            self.scheduler.step()
+        self.history.step_losses.append(loss_value)
+        self.global_step += 1
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss_value, self.global_step)
+        self.bar.update(epoch, i + 1, loss_value)
+        return loss.detach(), logits.detach()

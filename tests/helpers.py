@@ -32,4 +32,10 @@ def user_resnet(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     return UserResNet(in_channels, num_classes)
 
 
+def plain_net(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """No residual block anywhere."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+
 from resinspect.testing import hook_count, overridden_forwards  # noqa: E402,F401

@@ -24,7 +24,7 @@ class Counter:
     @hookimpl
     def resinspect_epoch_end(self, ctx, epoch):
         ctx.stash[COUNT]["epochs"] += 1
-        ctx.writer.add_scalar("counter/epoch_test_accuracy", epoch.metrics["test_accuracy"], epoch.epoch)
+        ctx.log_scalar("epoch_test_accuracy", epoch.metrics["test_accuracy"], epoch.epoch, role=epoch.role)
 
     @hookimpl
     def resinspect_analyze(self, ctx):

@@ -84,7 +84,7 @@ def test_model_is_restored_exactly(trained_ctx):
 def test_runs_end_to_end(model, tmp_path):
     m = model(in_channels=1, num_classes=10) if callable(model) and not isinstance(model, str) else model
     section = run_plugin("ablation", model=m, data=tiny_data(train=128, test=64), epochs=1, out=tmp_path,
-                         options={"k_max": 2, "subsets": 2})
+                         options={"ablation": {"k_max": 2, "subsets": 2}})
     n = section.metrics["blocks"]
     assert n == {"resnet20": 9, "torchvision:resnet18": 8}.get(model, 3)
     assert 0 <= section.metrics["clean_accuracy"] <= 1
@@ -102,7 +102,7 @@ def test_plain_model_has_nothing_to_ablate(tmp_path):
 
 def test_plain_twin_comparison_appears_with_a_twin(tmp_path):
     section = run_plugin("ablation", model="resnet20", twin=True, data=tiny_data(train=128, test=64), epochs=1,
-                         out=tmp_path, options={"k_max": 0, "skip_removal": False})
+                         out=tmp_path, options={"ablation": {"k_max": 0, "skip_removal": False}})
     twin_table = [t for t in section.tables if t.title.startswith("Plain twin (plain20)")]
     # the 7 layer pairs of plain20 whose input and output shapes match (not the two downsampling ones)
     assert len(twin_table) == 1 and len(twin_table[0].rows) == 7

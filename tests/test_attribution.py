@@ -107,8 +107,8 @@ def test_sanity_check_flags_a_model_independent_method(shapes, monkeypatch, tmp_
 @pytest.mark.parametrize("model", ["resnet20", "torchvision:resnet18"])
 def test_runs_end_to_end(model, shapes, tmp_path):
     section = run_plugin("attribution", model=model, data=shapes, epochs=1, out=tmp_path,
-                         options={"images": 8, "ig_steps": 8, "smoothgrad_samples": 4, "sanity_images": 4,
-                                  "methods": ["saliency", "integrated_gradients", "gradcam"]})
+                         options={"attribution": {"images": 8, "ig_steps": 8, "smoothgrad_samples": 4, "sanity_images": 4,
+                                  "methods": ["saliency", "integrated_gradients", "gradcam"]}})
     n_stages = 3 if model == "resnet20" else 4
     faith = section.tables[0]
     assert len(faith.rows) == 2 + n_stages + 1  # methods, gradcam per stage, random baseline

@@ -8,7 +8,8 @@ from helpers import UserResNet
 from resinspect.plugins import PluginHost, PluginInfo
 from resinspect.testing import TwoBlockNet, hook_count, overridden_forwards, run_plugin, tiny_data
 from resinspect_plugins import gradflow, weights
-from resinspect_plugins.gradflow import GradRecorder
+from resinspect_plugins import _gradrecorder
+from resinspect_plugins._gradrecorder import GradRecorder
 
 
 class Reference:
@@ -119,21 +120,21 @@ def test_tensorboard_histograms_and_scalars_read_back(tmp_path, data):
     result = resinspect.run(model="resnet20", data=data, plugins=["gradflow", "weights"], epochs=2, device="cpu",
                             out=tmp_path / "r", options={"gradflow": {"tensorboard_every": 1}})
     assert result.status == "complete"
-    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    acc = EventAccumulator(str(tmp_path / "r" / "tb" / "model"), size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
-    hist = acc.Histograms("weights/model/layer1.0.conv1.weight")
+    hist = acc.Histograms("weights/layer1.0.conv1.weight")
     assert [h.step for h in hist] == [1, 2]
     w = result.model.layer1[0].conv1.weight.detach()
     last = hist[-1].histogram_value
     assert last.num == w.numel() and last.min == pytest.approx(w.min().item()) and \
         last.max == pytest.approx(w.max().item()) and last.sum == pytest.approx(w.sum().item(), rel=1e-4)
     assert sum(last.bucket) == w.numel()
-    scalars = acc.Scalars("gradflow/model/grad_norm/layer1.0.conv1.weight")
+    scalars = acc.Scalars("gradflow/grad_norm/layer1.0.conv1.weight")
     assert [s.step for s in scalars] == list(range(4))  # 2 epochs x 2 steps, every step
     table = result.section("gradflow").tables[0]
     row = next(r for r in table.rows if r[0] == "layer1.0.conv1.weight")
     assert row[2] == pytest.approx(float(np.median([s.value for s in scalars])), rel=1e-5)
-    assert any(t.startswith("gradflow/model/branch_skip_ratio/") for t in acc.Tags()["scalars"])
+    assert any(t.startswith("gradflow/branch_skip_ratio/") for t in acc.Tags()["scalars"])
 
 
 def test_weight_statistics_equal_direct_computation():
@@ -185,7 +186,7 @@ def test_no_hooks_left_after_a_forced_failure(tmp_path, data, monkeypatch):
     model = UserResNet()
     result = resinspect.run(model=model, data=data, plugins=["gradflow"], epochs=1, device="cpu", out=tmp_path / "r")
     assert result.status == "plugins_failed"
-    assert "forced failure" in result.results["plugins"]["gradflow"]["error"]
+    assert "forced failure" in result.results.plugins["gradflow"].error
     assert hook_count(model) == 0 and overridden_forwards(model) == []
 
 
@@ -201,13 +202,13 @@ def test_rows_flushed_mid_epoch_still_reach_tensorboard(tmp_path, data, monkeypa
     """More recorded steps than the device buffer holds: every step must still be logged once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(gradflow, "_CAPACITY", 3)
+    monkeypatch.setattr(_gradrecorder, "_CAPACITY", 3)
     result = resinspect.run(model=UserResNet(), data=data, plugins=["gradflow"], epochs=2, batch_size=16,
                             device="cpu", out=tmp_path / "r", options={"gradflow": {"tensorboard_every": 2}})
     assert result.status == "complete"
-    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tmp_path / "r" / "tb" / "model"), size_guidance={"scalars": 0})
     acc.Reload()
-    steps = [e.step for e in acc.Scalars("gradflow/model/grad_norm/stem.weight")]
+    steps = [e.step for e in acc.Scalars("gradflow/grad_norm/stem.weight")]
     assert steps == list(range(0, 16, 2))  # 2 epochs x 8 steps, every second one
-    ratios = [e.step for e in acc.Scalars("gradflow/model/branch_skip_ratio/body.0")]
+    ratios = [e.step for e in acc.Scalars("gradflow/branch_skip_ratio/body.0")]
     assert ratios == list(range(0, 16, 5))  # the skip/branch split runs every 5th recorded step

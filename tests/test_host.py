@@ -62,7 +62,7 @@ def test_options_from_file_and_cli_with_cli_winning(tmp_path, data):
                             host=host_with(counter=Counter()))
     sec = result.section("counter")
     assert sec.metrics == {"calls": 2 * 3.0, "epochs": 1}  # 128 images / batch 64 = 2 steps
-    assert result.results["config"]["plugin_options"]["counter"] == {"scale": 3.0, "label": "calls"}
+    assert result.results.config["plugin_options"]["counter"] == {"scale": 3.0, "label": "calls"}
     assert "scale = 3.0" in (tmp_path / "r" / "config.toml").read_text()
 
 
@@ -148,8 +148,8 @@ def test_python_api_with_in_memory_model_and_loader_pair(tmp_path, data):
                             device="cpu", host=host_with(counter=Counter()))
     assert result.model is model and result.status == "complete"
     assert result.section("counter").metrics["steps"] == 4
-    assert result.results["model"]["name"] == "UserResNet"
-    assert len(result.results["model"]["residual_blocks"]) == 3
+    assert result.results.model["name"] == "UserResNet"
+    assert len(result.results.model["residual_blocks"]) == 3
     for f in ("index.html", "results.json", "config.toml", "model.pt"):
         assert (tmp_path / "r" / f).is_file()
 
@@ -173,7 +173,10 @@ def test_interrupted_run_never_leaves_a_complete_looking_report(tmp_path, data):
         resinspect.run(data=data, plugins=["interrupt"], epochs=1, out=tmp_path / "r", device="cpu",
                        host=host_with(interrupt=Interrupt()))
     assert not (tmp_path / "r" / "index.html").exists()
-    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "running"
+    stored = json.loads((tmp_path / "r" / "results.json").read_text())
+    # not "running" forever: a reader can tell a dead run from a live one, and where it stopped
+    assert stored["status"] == "interrupted" and stored["run"]["phase"] == "analyze"
+    assert "Ctrl-C" in stored["error"]
     assert not list((tmp_path / "r").glob(".*.tmp"))
 
 
@@ -181,7 +184,7 @@ def test_diverged_training_is_reported_as_failed(tmp_path, data):
     result = resinspect.run(data=data, plugins=["counter"], epochs=2, lr=1e30, optimizer="sgd", out=tmp_path / "r",
                             device="cpu", host=host_with(counter=Counter()))
     assert result.status == "failed" and result.exit_code == 1
-    assert "the loss became" in result.results["error"]
+    assert "the loss became" in result.results.error
     html = (tmp_path / "r" / "index.html").read_text()
     assert 'content="failed"' in html and "The run failed" in html and "Report complete" not in html
 

@@ -35,14 +35,16 @@ def run_dir(tmp_path_factory):
 def test_run_directory_layout(run_dir):
     for name in ("index.html", "results.json", "config.toml", "model.pt", "twin.pt"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    # one TensorBoard run per network, so `tensorboard --logdir RUN/tb` overlays them
+    assert list((run_dir / "tb" / "model").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tb" / "twin").glob("events.out.tfevents.*"))
     assert not list(run_dir.rglob(".*.tmp"))
 
 
 def test_results_json_matches_the_documented_schema(run_dir):
     import jsonschema
 
-    schema = json.loads((ROOT / "docs" / "results-schema.json").read_text())
+    schema = json.loads((ROOT / "resinspect" / "results-schema.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
     jsonschema.validate(results, schema)
     assert results["model"]["twin"]["name"] == "plain20" and results["model"]["twin"]["residual_blocks"] == 0
@@ -56,28 +58,41 @@ def test_results_json_matches_the_documented_schema(run_dir):
                 assert (run_dir / fig["file"]).is_file()
 
 
-def test_tensorboard_events_read_back(run_dir):
+def _accumulator(path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    scalars = set(acc.Tags()["scalars"])
+    return acc
+
+
+def test_tensorboard_events_read_back(run_dir):
+    model, twin = _accumulator(run_dir / "tb" / "model"), _accumulator(run_dir / "tb" / "twin")
+    scalars, twin_scalars = set(model.Tags()["scalars"]), set(twin.Tags()["scalars"])
     results = json.loads((run_dir / "results.json").read_text())
-    losses = results["training"]["model"]["step_losses"]
-    logged = [e.value for e in acc.Scalars("train/model/loss")]
-    assert logged == pytest.approx(losses, rel=1e-6)
-    assert {"train/twin/loss", "train/model/test_accuracy", "counter/steps", "counter/epoch_test_accuracy",
-            "ablation/clean_accuracy", "ablation/lesion_accuracy"} <= scalars
-    assert acc.Scalars("ablation/clean_accuracy")[0].value == pytest.approx(
+    for acc, role in ((model, "model"), (twin, "twin")):
+        logged = [e.value for e in acc.Scalars("train/loss")]
+        assert logged == pytest.approx(results["training"][role]["step_losses"], rel=1e-6)
+    # the two networks overlay: the same tags in both runs
+    shared = {"train/loss", "train/test_accuracy", "counter/epoch_test_accuracy", "summary/residual_blocks",
+              "train/train_loss"}
+    assert shared <= scalars and shared <= twin_scalars
+    assert any(t.startswith("gradflow/grad_norm/") for t in scalars & twin_scalars)
+    assert {"counter/steps", "ablation/clean_accuracy", "ablation/lesion_accuracy"} <= scalars
+    assert model.Scalars("ablation/clean_accuracy")[0].value == pytest.approx(
         results["plugins"]["ablation"]["sections"][0]["metrics"]["clean_accuracy"])
-    assert [e.value for e in acc.Scalars("counter/steps")] == [8.0]  # (model + twin) x 2 epochs x 2 steps
+    assert [e.value for e in model.Scalars("counter/steps")] == [8.0]  # (model + twin) x 2 epochs x 2 steps
+    # the training section's model/... and twin/... metrics land in their own network's run
+    assert model.Scalars("train/test_accuracy")[-1].value == pytest.approx(
+        results["training"]["model"]["epochs"][-1]["test_accuracy"])
     # every tag is <plugin-or-core>/<name>
     plugins = set(results["plugins"]) | {"train"}
-    assert all(tag.split("/")[0] in plugins for tag in scalars | set(acc.Tags()["images"]))
-    assert any(t.startswith("ablation/figure/") for t in acc.Tags()["images"])
-    # summary returns one section per network: the twin's goes under summary/section1/, no step-0 duplicates
-    assert [e.value for e in acc.Scalars("summary/residual_blocks")] == [9.0]
-    assert [e.value for e in acc.Scalars("summary/section1/residual_blocks")] == [0.0]
+    for acc in (model, twin):
+        assert all(tag.split("/")[0] in plugins for tag in set(acc.Tags()["scalars"]) | set(acc.Tags()["images"]))
+    assert any(t.startswith("ablation/figure/") for t in model.Tags()["images"])
+    # summary returns one section per network: each in its own run under the same tag
+    assert [e.value for e in model.Scalars("summary/residual_blocks")] == [9.0]
+    assert [e.value for e in twin.Scalars("summary/residual_blocks")] == [0.0]
 
 
 def test_report_rerenders_identically_from_stored_results(run_dir, tmp_path):
@@ -136,5 +151,12 @@ def test_report_in_a_real_browser(run_dir):
             assert summary_items >= 3
             # MathML renders (no raw markup shown as text)
             assert "<math" not in page.inner_text("#explainer")
+            # the torchinfo layer table is folded: closed at first, its rows hidden, and it opens on a click
+            folded = page.locator("details.folded-table").first
+            assert folded.get_attribute("open") is None
+            first_row = folded.locator("tbody tr").first
+            assert not first_row.is_visible()
+            folded.locator("summary").click()
+            assert folded.get_attribute("open") is not None and first_row.is_visible()
         finally:
             browser.close()

@@ -142,9 +142,9 @@ def test_summary_and_activations_run_on_every_kind_of_model(model, tmp_path, dat
 def test_activations_twin_comparison_and_formula_section(tmp_path, data):
     import resinspect
 
-    result = resinspect.run(model="resnet20", twin=True, data=data, plugins=["activations"], epochs=1,
+    result = resinspect.run(model="resnet20", twin=True, data=data, plugins=["activations", "formulas"], epochs=1,
                             device="cpu", out=tmp_path)
-    act, formulas = result.sections["activations"]
+    (act,), (formulas,) = result.sections["activations"], result.sections["formulas"]
     assert act.findings[0].text.startswith("Response strength")
     assert "twin/response_std_mean" in act.metrics
     kinds = {r[0] for r in formulas.tables[0].rows}

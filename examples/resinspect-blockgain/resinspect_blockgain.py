@@ -1,9 +1,8 @@
 """How much each residual block amplifies the signal: ||y|| / ||x|| over the test set."""
 
-import torch
+from torch import nn
 
-from resinspect import Section, hookimpl
-from resinspect.anatomy import residual_blocks
+from resinspect import Section, capture_batches, hookimpl, residual_blocks
 
 NAME = "blockgain"
 
@@ -13,9 +12,30 @@ def resinspect_addoptions(options):
     options.add("samples", int, 128, "test images to use", check=lambda v: "must be >= 1" if v < 1 else None)
 
 
+class TinyBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def tiny_resnet(in_channels=1, num_classes=10, width=8, depth=3):
+    """A stem, ``depth`` residual blocks and a linear head: the model this package adds to ``--model``."""
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+                         *[TinyBlock(width) for _ in range(depth)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+@hookimpl
+def resinspect_register_models(registry):
+    registry.add("blockgain-tiny", tiny_resnet, "a three-block residual convnet (from resinspect-blockgain)")
+
+
 @hookimpl
 def resinspect_analyze(ctx):
-    opts = ctx.options(NAME)
+    opts = ctx.options()
     blocks = residual_blocks(ctx.model)
     section = Section("Block gain", explanation="||y|| / ||x|| per residual block, averaged over test images. "
                       "Values near 1 mean the block passes its input on nearly unchanged in size.")
@@ -24,26 +44,17 @@ def resinspect_analyze(ctx):
         return section
     sums = {b.name: 0.0 for b in blocks}
     count = 0
-
-    def record(name, inputs, output):
-        gain = output.flatten(1).norm(dim=1) / inputs[0].flatten(1).norm(dim=1).clamp_min(1e-12)
-        sums[name] += gain.sum().item()
-
-    handles = [b.module.register_forward_hook(lambda m, i, o, n=b.name: record(n, i, o)) for b in blocks]
-    try:
-        with torch.no_grad():
-            for x, _ in ctx.test_batches(opts["samples"]):
-                ctx.model(x)
-                count += len(x)
-    finally:
-        for h in handles:
-            h.remove()
+    # capture_batches: eval mode, no gradients, the blocks' inputs and outputs per batch, hooks removed after
+    for x, _, _, seen in capture_batches(ctx.model, blocks, ctx.test_batches(opts["samples"])):
+        for name in sums:
+            gain = seen.outputs[name].flatten(1).norm(dim=1) / seen.inputs[name].flatten(1).norm(dim=1).clamp_min(1e-12)
+            sums[name] += gain.sum().item()
+        count += len(x)
     for name, total in sums.items():
         section.metrics[name] = total / count
     section.table("Gain per block", ["block", "gain"], [[n, v] for n, v in section.metrics.items()])
     top = max(section.metrics, key=section.metrics.get)
     section.finding(f"{top} amplifies its input most (×{section.metrics[top]:.2f}).")
-    if ctx.writer is not None:
-        for i, (name, value) in enumerate(section.metrics.items()):
-            ctx.writer.add_scalar(f"{NAME}/gain", value, i)
+    for i, value in enumerate(section.metrics.values()):
+        ctx.log_scalar("gain", value, i)  # TensorBoard tag blockgain/gain, in the model's run
     return section

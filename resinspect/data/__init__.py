@@ -10,7 +10,8 @@ from .bundle import DataBundle, make_loaders
 from .bundled import SHAPE_CLASSES, load_digits, load_shapes, make_shapes
 from .files import load_cifar10, load_imagefolder, load_mnist
 
-__all__ = ["DataBundle", "make_loaders", "load_data", "DATASETS", "dataset_names", "make_shapes", "SHAPE_CLASSES"]
+__all__ = ["DataBundle", "make_loaders", "load_data", "DATASETS", "DatasetRegistry", "dataset_names", "make_shapes",
+           "SHAPE_CLASSES"]
 
 DATASETS: dict[str, tuple[Callable[..., DataBundle], str]] = {
     "digits": (load_digits, "scikit-learn's 1,797 real 8×8 handwritten digits, upscaled (bundled, no files)"),
@@ -22,6 +23,31 @@ DATASETS: dict[str, tuple[Callable[..., DataBundle], str]] = {
 }
 _FILE_BASED = {"mnist", "fashionmnist", "cifar10", "imagefolder"}
 _FILE_ARGS = {"root", "download", "limit_train", "limit_test"}
+
+
+_SOURCES: dict[str, str] = {name: "resinspect" for name in DATASETS}
+
+
+class DatasetRegistry:
+    """What ``resinspect_register_datasets(registry)`` receives: ``registry.add(name, loader, description)``."""
+
+    def __init__(self, plugin: str):
+        self.plugin = plugin
+
+    def add(self, name: str, loader: Callable[..., DataBundle], description: str) -> None:
+        """Register ``loader(**dataset_args) -> DataBundle`` as dataset ``name`` (``--data name``; the
+        arguments come from ``--data-arg KEY=VALUE`` and the config's ``[data]`` table)."""
+        source = _SOURCES.get(name)
+        if source is not None and source != f"plugin {self.plugin}":
+            raise ValueError(f"plugin {self.plugin}: dataset name '{name}' is already registered by {source}")
+        if not callable(loader):
+            raise TypeError(f"plugin {self.plugin}: the loader of dataset '{name}' is not callable")
+        DATASETS[name] = (loader, description)
+        _SOURCES[name] = f"plugin {self.plugin}"
+
+
+def dataset_source(name: str) -> str:
+    return _SOURCES.get(name, "resinspect")
 
 
 def dataset_names() -> list[str]:
@@ -44,6 +70,9 @@ def load_data(name: str, root: str = "data", download: bool = False, **kwargs: A
         raise DataError(f"dataset '{name}' has no argument {', '.join(unknown)}; "
                         f"valid: {', '.join(sorted(allowed)) or '(none)'}")
     try:
-        return loader(**kwargs)
+        bundle = loader(**kwargs)
     except (ValueError, TypeError) as e:
         raise DataError(f"dataset '{name}': {e}") from e
+    if not isinstance(bundle, DataBundle):
+        raise DataError(f"dataset '{name}': its loader returned {type(bundle).__name__}, not a DataBundle")
+    return bundle

@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import UnknownNameError
 from .resnet import ResNet
 
-__all__ = ["ModelSpec", "MODELS", "build_model", "twin_name", "model_names"]
+__all__ = ["ModelSpec", "MODELS", "ModelRegistry", "build_model", "twin_name", "model_names", "plain_twin_of",
+           "remove_skips"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class ModelSpec:
     description: str
     factory: Callable[..., nn.Module]
     twin: str | None = None
+    source: str = "resinspect"
 
 
 def _cifar(n: int, residual: bool) -> Callable[..., nn.Module]:
@@ -79,6 +81,25 @@ for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
         _torchvision(_arch))
 
 
+class ModelRegistry:
+    """What ``resinspect_register_models(registry)`` receives: ``registry.add(name, factory, description)``."""
+
+    def __init__(self, plugin: str, models: dict[str, ModelSpec] | None = None):
+        self.plugin = plugin
+        self.models = MODELS if models is None else models
+
+    def add(self, name: str, factory: Callable[..., nn.Module], description: str, twin: str | None = None) -> None:
+        """Register ``factory`` (called with ``in_channels``, ``num_classes``, ``image_size`` if it accepts
+        them) as model ``name``; ``twin`` names its registered plain twin, if it has one."""
+        existing = self.models.get(name)
+        if existing is not None and existing.source != f"plugin {self.plugin}":
+            raise ValueError(f"plugin {self.plugin}: model name '{name}' is already registered by "
+                             f"{existing.source}")
+        if not callable(factory):
+            raise TypeError(f"plugin {self.plugin}: the factory of model '{name}' is not callable")
+        self.models[name] = ModelSpec(name, description, factory, twin, f"plugin {self.plugin}")
+
+
 def model_names() -> list[str]:
     return list(MODELS)
 
@@ -108,10 +129,11 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
     for an unknown name.
     """
     if name in MODELS:
-        return MODELS[name].factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
-    if not _is_factory_path(name):
+        factory = MODELS[name].factory
+    elif not _is_factory_path(name):
         raise UnknownNameError("model", name, model_names())
-    factory = _user_factory(name)
+    else:
+        factory = _user_factory(name)
     params = inspect.signature(factory).parameters
     offered = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
     accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -126,3 +148,29 @@ def twin_name(name: str) -> str | None:
     """The plain twin's model name, or None when the model has no registered twin."""
     spec = MODELS.get(name)
     return spec.twin if spec else None
+
+
+def remove_skips(model: nn.Module) -> nn.Module:
+    """``model`` with every residual block replaced, in place, by its ``drop_skip`` variant: the same branch
+    modules (downsampling blocks keep their strided branch; projection shortcuts are dropped), no addition.
+    Raises ``ValueError`` when the model has no residual block to remove."""
+    from ..anatomy import residual_blocks
+
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no residual blocks, so it has no plain twin")
+    for b in blocks:
+        parent_name, _, child = b.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        plain = b.variant("drop_skip")
+        plain.delete_all_unused_submodules()  # the projection shortcut is gone from the twin, not just unused
+        if not child:
+            raise ValueError("the model itself is a single residual block; it has no plain twin")
+        setattr(parent, child, plain)
+    return model
+
+
+def plain_twin_of(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+    """The plain twin of any model whose residual blocks are found: the same architecture, built (and so
+    initialised, under the caller's seed) as ``build_model(name)`` builds it, with every skip removed."""
+    return remove_skips(build_model(name, in_channels, num_classes, image_size))

@@ -10,13 +10,13 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from ..section import Section
+from ..results import Results
 from .explainer import ANCHORS, EXPLAINER_HTML
 
 __all__ = ["render_html", "ANCHORS"]
 
 _STATUS_TEXT = {"complete": "complete", "plugins_failed": "complete, with failed plugins", "failed": "failed",
-                "running": "incomplete"}
+                "running": "incomplete", "interrupted": "interrupted"}
 
 
 def _cell(v: Any) -> str:
@@ -38,9 +38,10 @@ def _env() -> jinja2.Environment:
     return env
 
 
-def render_html(results: dict[str, Any], sections: list[Section], config_toml: str) -> str:
+def render_html(results: Results, config_toml: str) -> str:
     """The report as a string. Every string from results/sections is HTML-escaped by the template."""
     env = _env()
+    sections = results.sections()
     css = resources.files("resinspect.report").joinpath("templates/report.css").read_text(encoding="utf-8")
     views, summary = [], []
     for i, s in enumerate(sections):
@@ -60,25 +61,21 @@ def render_html(results: dict[str, Any], sections: list[Section], config_toml: s
                             "anchor": anchor})
     order = {"critical": 0, "warning": 1, "good": 2, "info": 3}
     summary.sort(key=lambda f: order[f["severity"]])
-    model = results.get("model", {})
-    env_info = results.get("environment", {})
-    run = results.get("run", {})
-    status = results.get("status", "running")
-    run_info = [("run directory", run.get("dir", "")), ("started", run.get("started", "")),
-                ("finished", run.get("finished", "")), ("duration", f"{run.get('seconds', 0):.1f} s"),
+    model, env_info, run, status = results.model, results.environment, results.run, results.status
+    run_info = [("run directory", run.dir), ("started", run.started), ("finished", run.finished or ""),
+                ("duration", f"{run.seconds or 0:.1f} s"),
                 ("device", env_info.get("device", "")), ("python", env_info.get("python", "")),
                 ("packages", ", ".join(f"{k} {v}" for k, v in env_info.get("packages", {}).items())),
-                ("dataset", ", ".join(f"{k}={v}" for k, v in results.get("data", {}).items()))]
+                ("dataset", ", ".join(f"{k}={v}" for k, v in results.data.items()))]
     footer = ("Report complete." if status in ("complete", "plugins_failed")
               else "This run did not complete; results are partial.")
     return env.get_template("report.html").render(
-        version=results.get("resinspect_version", ""), schema_version=results.get("schema_version", ""),
-        status=status, status_text=_STATUS_TEXT.get(status, status), error=results.get("error"),
+        version=results.resinspect_version, schema_version=results.schema_version,
+        status=status, status_text=_STATUS_TEXT.get(status, status), error=results.error,
         model_name=model.get("name", "?"), twin_name=(model.get("twin") or {}).get("name"),
-        data_name=results.get("data", {}).get("name", "?"), run_name=run.get("name", ""),
-        started=run.get("started", ""), parameters=f"{model.get('parameters', 0):,}",
+        data_name=results.data.get("name", "?"), run_name=run.name,
+        started=run.started, parameters=f"{model.get('parameters', 0):,}",
         n_blocks=len(model.get("residual_blocks", [])), sections=views, summary=summary,
         explainer=Markup(EXPLAINER_HTML), css=Markup(css),
-        failures=[{"plugin": n, "error": p.get("error")} for n, p in results.get("plugins", {}).items()
-                  if p.get("status") == "failed"],
+        failures=[{"plugin": n, "error": p.error} for n, p in results.plugins.items() if p.status == "failed"],
         run_info=run_info, config_toml=config_toml, footer=footer)
