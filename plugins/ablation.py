@@ -81,7 +81,7 @@ def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
     """Each lesion evaluated after re-estimating BN statistics with the lesion in place (per-lesion passes)."""
     train = list(ctx.train_batches(opts["bn_batches"]))
     stats = []
-    for lesion in lesions:
+    for lesion in ctx.progress(lesions, desc="lesions with BN re-estimated"):
         with applied_lesion(model, blocks, lesion), _recalibrated(model, train):
             stats.append(lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())],
                                       fast=False)[1][0])

@@ -154,7 +154,7 @@ def _sanity(ctx, model, methods, x, pred, maps, opts, s: Section) -> dict[str, l
     fresh_methods = method_names(twin, opts["methods"])
     cpu_state = torch.random.get_rng_state()
     try:
-        for i, (_, modules) in enumerate(steps):
+        for i, (_, modules) in enumerate(ctx.progress(steps, desc="cascading randomisation")):
             _reinit(modules, ctx.seed + 1000 + i)
             new = _maps(twin, fresh_methods, xs, ts, opts)
             for name in rho:

@@ -345,3 +345,15 @@ def test_new_plugin_prints_an_installable_path_and_warns_about_taken_names(tmp_p
     assert result.exit_code == 0
     assert "a plugin named 'ablation' is already installed" in result.output
     assert "pip install ./resinspect-ablation " in result.output
+
+
+# -- progress ------------------------------------------------------------------------------------------
+def test_progress_bars_only_when_the_run_shows_progress(data, capsys):
+    ctx = make_context(data=data, plugin="ablation")
+    items = [1, 2, 3]
+    assert ctx.progress(items, desc="lesions") is items  # --quiet, or stderr not a terminal: no bar at all
+    ctx.show_progress = True
+    bar = ctx.progress(items, desc="lesions")
+    assert list(bar) == items and bar.desc.startswith("ablation: lesions")
+    captured = capsys.readouterr()
+    assert "ablation: lesions" in captured.err and captured.out == ""  # stderr only
