@@ -106,3 +106,16 @@ def test_new_plugin_scaffold_installs_and_its_test_passes(tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
     bad = CliRunner().invoke(main, ["new-plugin", "Bad-Name", "--dir", str(tmp_path)])
     assert bad.exit_code == 1 and "lower-case letters" in bad.output
+
+
+def test_docs_probe_example_runs():
+    """docs/plugins.md's probe example, executed as written (its asserts are the closed-form answers)."""
+    block = next(b for b in _code_blocks((ROOT / "docs" / "plugins.md").read_text()) if "block_vjp" in b)
+    exec(compile(block, "docs/plugins.md", "exec"), {})
+
+
+def test_docs_packaging_snippet_is_the_installed_example():
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    snippet = re.search(r"```toml\n(.*?)```", docs, flags=re.S).group(1)
+    assert snippet == (ROOT / "examples" / "resinspect-blockgain" / "pyproject.toml").read_text()
+    assert "[build-system]" in snippet and 'version = "0.1.0"' in snippet
