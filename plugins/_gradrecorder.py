@@ -17,7 +17,6 @@ CAPACITY = 256  # rows kept on the device before one transfer to the host
 # per-block columns: gradient at the block output, skip part and branch part of the input gradient, total
 OUT, SKIP, BRANCH, TOTAL = range(4)
 _COLUMN = {"out": OUT, "skip": SKIP, "branch": BRANCH, "total": TOTAL}
-_CAPACITY, _OUT, _SKIP, _BRANCH, _TOTAL = CAPACITY, OUT, SKIP, BRANCH, TOTAL
 
 
 class GradRows(NamedTuple):
@@ -52,8 +51,8 @@ class GradRecorder:
         self.params = [p for _, p in named]
         blocks = residual_blocks(self.model)
         self.block_names = [b.name for b in blocks]
-        self.param_buf = torch.zeros(_CAPACITY, 3, len(self.params), device=device)
-        self.block_buf = torch.zeros(_CAPACITY, len(blocks), 4, device=device)
+        self.param_buf = torch.zeros(CAPACITY, 3, len(self.params), device=device)
+        self.block_buf = torch.zeros(CAPACITY, len(blocks), 4, device=device)
         self._zero = torch.zeros((), device=device)
         self.pending: list[torch.Tensor] = [self._zero] * (4 * len(blocks))
         self.block_rows: list[int] = []
@@ -83,7 +82,7 @@ class GradRecorder:
                 self.block_rows.append(len(self.steps))
             self.steps.append(step)
             self.rows += 1
-            if self.rows == _CAPACITY:
+            if self.rows == CAPACITY:
                 self.flush()
         self.active = (step + 1) % self.every == 0
         self.tap = len(self.steps) % self.block_every == 0

@@ -81,6 +81,7 @@ class RunContext:
     stash: Stash = field(default_factory=Stash)
     plugin: str | None = None
     show_progress: bool = False
+    _block_cache: dict[str, list[ResidualBlock]] = field(default_factory=dict, repr=False)
 
     # -- options and names ---------------------------------------------------------------------
     def options(self, plugin: str | None = None) -> dict[str, Any]:
@@ -107,10 +108,9 @@ class RunContext:
 
     def blocks(self, role: str = "model") -> list[ResidualBlock]:
         """The residual blocks of a network (cached; the twin has none: see :meth:`twin_counterparts`)."""
-        cache = self.__dict__.setdefault("_blocks", {})
-        if role not in cache:
-            cache[role] = residual_blocks(self.model if role == "model" else self.twin)
-        return cache[role]
+        if role not in self._block_cache:
+            self._block_cache[role] = residual_blocks(self.model if role == "model" else self.twin)
+        return self._block_cache[role]
 
     def twin_counterparts(self) -> list[tuple[ResidualBlock, nn.Module | None]]:
         """Each residual block of the model with the twin's module of the same name (None when the twin has

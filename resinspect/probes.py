@@ -147,6 +147,8 @@ def capture(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] |
         return t.detach().clone() if detach and isinstance(t, torch.Tensor) else t
 
     def pre(name: str, module: nn.Module, args: tuple) -> None:
+        if first_only and (name in store.outputs or name in store.inputs):
+            return
         if args and isinstance(args[0], torch.Tensor):
             pending[name] = keep(args[0]) if inputs else None
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .anatomy import block_table, residual_blocks
+from .anatomy import block_table
 from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
 from .errors import CheckpointError, OutputError, ResinspectError, TrainingDiverged
@@ -106,9 +106,9 @@ def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None)
 # -- stage 1: resolve ---------------------------------------------------------------------------------
 def _resolve_settings(model: Any, data: Any, plugins: Any, config: Any, settings: RunSettings | None,
                       values: dict[str, Any]) -> RunSettings:
-    s = settings if settings is not None else RunSettings.from_config(config)
     if settings is not None and config is not None:
         raise ResinspectError("give run() either config= or settings=, not both")
+    s = settings if settings is not None else RunSettings.from_config(config)
     unknown = sorted(set(values) - set(s.rows))
     if unknown:
         raise TypeError(f"run() got unknown argument(s) {', '.join(unknown)}; valid settings: "
@@ -239,8 +239,9 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     except KeyboardInterrupt:
         _stopped(results, run_dir, "interrupted", phase, "interrupted by the user (Ctrl-C)")
         raise
-    except OutputError as e:
-        _stopped(results, run_dir, "failed", phase, str(e))
+    except Exception as e:  # e.g. an output that cannot be written: results.json must not say "running"
+        _stopped(results, run_dir, "failed", phase,
+                 str(e) if isinstance(e, ResinspectError) else f"{type(e).__name__}: {e}")
         raise
     finally:
         host.call("resinspect_unconfigure", ctx=ctx, include_failed=True)
@@ -264,7 +265,7 @@ def _context(s: RunSettings, nets: _Networks, dev: torch.device, run_dir: Path, 
 def _initial_results(s: RunSettings, nets: _Networks, ctx: RunContext, plugin_options: dict[str, Any]) -> Results:
     twin = None if nets.twin is None else {
         "name": nets.twin_label, "parameters": sum(p.numel() for p in nets.twin.parameters()),
-        "residual_blocks": len(residual_blocks(nets.twin))}
+        "residual_blocks": len(ctx.blocks("twin"))}
     return Results(
         run=RunInfo(name=ctx.run_dir.name, dir=str(ctx.run_dir), started=dt.datetime.now().isoformat(timespec="seconds"),
                     phase="train"),

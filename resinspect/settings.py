@@ -9,6 +9,7 @@ adding a row.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .errors import ResinspectError, UnknownNameError
 from .options import convert
+from .plugins import DEFAULT_PLUGINS
 from .rundir import read_config_file
 from .training import TrainConfig
 
@@ -84,19 +86,13 @@ class Setting:
         return value
 
 
-def _default_plugins() -> list[str]:
-    from .plugins import DEFAULT_PLUGINS
-
-    return list(DEFAULT_PLUGINS)
-
-
 SETTINGS: list[Setting] = [
     Setting("model", str, "resnet20", "Model name (see `resinspect models`) or package.module:function.", short="-m"),
     Setting("data", str, "digits", "Dataset name (see `resinspect datasets`).", short="-d"),
     Setting("data_root", Path, "data", "Folder with local dataset files (MNIST, CIFAR-10, ImageFolder)."),
     Setting("download", bool, False, "Let torchvision try to download missing dataset files."),
-    Setting("plugins", list, None, "Comma-separated plugins to run (names from `resinspect plugins`, module paths "
-            "or .py files). Default: the default set.", short="-p", commands=("run",)),
+    Setting("plugins", list, list(DEFAULT_PLUGINS), "Comma-separated plugins to run (names from `resinspect "
+            "plugins`, module paths or .py files).", short="-p", commands=("run",)),
     Setting("epochs", int, None, f"Training epochs (default {DEFAULT_EPOCHS}; 0 with --checkpoint).", short="-e",
             check=_at_least(0)),
     Setting("twin", bool, False, "Also train the plain twin (same layers, no shortcuts)."),
@@ -135,11 +131,9 @@ class RunSettings:
     def __init__(self, rows: Sequence[Setting] | None = None, data_args: dict[str, Any] | None = None,
                  **values: Any):
         object.__setattr__(self, "rows", _table(rows if rows is not None else SETTINGS))
-        object.__setattr__(self, "values", {n: r.default for n, r in self.rows.items()})
+        object.__setattr__(self, "values", {n: copy.copy(r.default) for n, r in self.rows.items()})
         object.__setattr__(self, "data_args", dict(data_args or {}))
         object.__setattr__(self, "plugin_tables", {})
-        if self.values.get("plugins", 0) is None:
-            self.values["plugins"] = _default_plugins()
         self.update(values, "settings")
 
     def __getattr__(self, name: str) -> Any:
@@ -217,7 +211,8 @@ def click_options(command: str, rows: Iterable[Setting] | None = None) -> Callab
     def decorate(fn: Callable) -> Callable:
         for row in reversed([r for r in (rows if rows is not None else SETTINGS) if command in r.commands]):
             names = [row.flag] + ([row.short] if row.short else [])
-            default_text = "" if row.default in (None, [], False) else f" Default: {row.default}."
+            shown = ",".join(row.default) if isinstance(row.default, list) else row.default
+            default_text = "" if row.default in (None, [], False) else f" Default: {shown}."
             kwargs: dict[str, Any] = {"default": None, "help": row.help + default_text}
             if row.type is bool:
                 names = [f"{row.flag}/--no-{row.flag[2:]}"] + ([row.short] if row.short else [])

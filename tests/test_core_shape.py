@@ -357,3 +357,19 @@ def test_progress_bars_only_when_the_run_shows_progress(data, capsys):
     assert list(bar) == items and bar.desc.startswith("ablation: lesions")
     captured = capsys.readouterr()
     assert "ablation: lesions" in captured.err and captured.out == ""  # stderr only
+
+
+def test_a_run_that_crashes_says_failed_not_running(tmp_path, data):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 10)
+
+        def forward(self, x):
+            raise RuntimeError("the model's forward is broken")
+
+    with pytest.raises(RuntimeError, match="forward is broken"):
+        resinspect.run(model=Broken(), data=data, plugins=[], epochs=1, out=tmp_path / "r", device="cpu")
+    stored = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert stored["status"] == "failed" and stored["run"]["phase"] == "train"
+    assert stored["error"] == "RuntimeError: the model's forward is broken"

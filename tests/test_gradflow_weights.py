@@ -202,7 +202,7 @@ def test_rows_flushed_mid_epoch_still_reach_tensorboard(tmp_path, data, monkeypa
     """More recorded steps than the device buffer holds: every step must still be logged once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(_gradrecorder, "_CAPACITY", 3)
+    monkeypatch.setattr(_gradrecorder, "CAPACITY", 3)
     result = resinspect.run(model=UserResNet(), data=data, plugins=["gradflow"], epochs=2, batch_size=16,
                             device="cpu", out=tmp_path / "r", options={"gradflow": {"tensorboard_every": 2}})
     assert result.status == "complete"

@@ -161,11 +161,11 @@ def remove_skips(model: nn.Module) -> nn.Module:
         raise ValueError(f"{type(model).__name__} has no residual blocks, so it has no plain twin")
     for b in blocks:
         parent_name, _, child = b.name.rpartition(".")
+        if not child:
+            raise ValueError("the model itself is a single residual block; it has no plain twin")
         parent = model.get_submodule(parent_name) if parent_name else model
         plain = b.variant("drop_skip")
         plain.delete_all_unused_submodules()  # the projection shortcut is gone from the twin, not just unused
-        if not child:
-            raise ValueError("the model itself is a single residual block; it has no plain twin")
         setattr(parent, child, plain)
     return model
 
