@@ -56,8 +56,11 @@ def main() -> None:
     cpu: dict[str, list[float]] = {"bare": [], "instrumented": []}
     losses = {}
     one_run(args.model, data, 1, [], args.every)  # warm-up
-    for _ in range(args.repeats):
-        for label, plugins in (("bare", []), ("instrumented", ["gradflow", "weights"])):
+    configs = [("bare", []), ("instrumented", ["gradflow", "weights"])]
+    for i in range(args.repeats):
+        # alternate which one goes first, so a drift of the machine (or the cost of following the other
+        # configuration) falls on both sides equally
+        for label, plugins in (configs if i % 2 == 0 else configs[::-1]):
             t, losses[label], c = one_run(args.model, data, args.epochs, plugins, args.every)
             times[label].append(t)
             cpu[label].append(c)

@@ -45,11 +45,13 @@ class GradRecorder:
     written: int = 0
     _split: ExitStack = field(default_factory=ExitStack)
 
-    def attach(self, device: torch.device) -> None:
+    def attach(self, device: torch.device, blocks: list | None = None) -> None:
+        """Start recording; ``blocks`` are the model's residual blocks when the caller has them already
+        (``ctx.blocks(role)``: found once per run, with their graph variants cached)."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        blocks = residual_blocks(self.model)
+        blocks = residual_blocks(self.model) if blocks is None else blocks
         self.block_names = [b.name for b in blocks]
         self.param_buf = torch.zeros(CAPACITY, 3, len(self.params), device=device)
         self.block_buf = torch.zeros(CAPACITY, len(blocks), 4, device=device)

@@ -61,7 +61,7 @@ def _state(ctx) -> dict[str, GradRecorder]:
 def resinspect_train_start(ctx, trainee):
     opts = ctx.options(NAME)
     rec = GradRecorder(trainee.role, trainee.model, opts["every"], opts["block_every"])
-    rec.attach(ctx.device)
+    rec.attach(ctx.device, ctx.blocks(trainee.role))
     _state(ctx)[trainee.role] = rec
 
 
@@ -82,15 +82,14 @@ def resinspect_epoch_end(ctx, epoch):
         return
     weight_idx = [i for i, p in enumerate(rec.params) if p.dim() > 1]
     for r in range(len(params)):
-        step = rec.steps[start + r]
+        values = {}
         if (start + r) % every == 0:
-            for i in weight_idx:
-                ctx.log_scalar(f"grad_norm/{rec.names[i]}", float(params[r, 0, i]), step, role=rec.role)
+            values.update((f"grad_norm/{rec.names[i]}", params[r, 0, i]) for i in weight_idx)
         for j, name in enumerate(rec.block_names if start + r in tapped else []):
             skip = blocks[r, j, _SKIP]
             if skip > 0:
-                ctx.log_scalar(f"branch_skip_ratio/{name}", float(blocks[r, j, _BRANCH] / skip), step,
-                               role=rec.role)
+                values[f"branch_skip_ratio/{name}"] = blocks[r, j, _BRANCH] / skip
+        ctx.log_scalars(values, rec.steps[start + r], role=rec.role)
 
 
 @hookimpl

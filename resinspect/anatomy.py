@@ -30,6 +30,8 @@ __all__ = ["ResidualBlock", "residual_blocks", "bypass", "drop_skip", "NoResidua
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _MISSING = object()
+# exact types (a subclass may override forward): their forward never adds anything
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class NoResidualBlocks(ValueError):
@@ -216,8 +218,8 @@ def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
             continue
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if not list(module.children()):
-            continue
+        if not list(module.children()) or type(module) in _CONTAINERS:
+            continue  # a container's own forward only chains its children: nothing to trace
         found = _find_residual_add(module)
         if found is None:
             continue
