@@ -137,7 +137,8 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     for k in range(1, k_max + 1):
         k_lesions[k] = [Lesion("bypass", tuple(sorted(rng.sample(range(n), k)))) for _ in range(opts["subsets"])]
         lesions += k_lesions[k]
-    clean, stats = lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, lesions, fast=opts["fast"])
+    clean, stats = lesion_sweep(model, ctx.progress(ctx.test_batches(opts["samples"]), desc="lesion sweep (batches)"),
+                                blocks, lesions, fast=opts["fast"])
     by_lesion = dict(zip(lesions, stats))
     single = [by_lesion[Lesion("bypass", (i,))] for i in range(n)]
     recal = None
@@ -215,7 +216,8 @@ def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
             return None
         lesions = [Lesion("identity", (i,)) for i in range(len(pairs))]
         mods = [mod for _, mod in pairs]
-        clean, stats = lesion_sweep(twin, ctx.test_batches(opts["samples"]), mods, lesions, fast=opts["fast"])
+        clean, stats = lesion_sweep(twin, ctx.progress(ctx.test_batches(opts["samples"]), desc="plain twin sweep"),
+                                    mods, lesions, fast=opts["fast"])
         recal = None
         if opts["bn_recalibrate"] and _has_batchnorm(twin):
             recal = _recalibrated_sweep(ctx, twin, mods, lesions, opts)

@@ -161,7 +161,7 @@ def collect(model: nn.Module, batches, with_blocks: bool = True) -> Stats:
 
 def _collect_eval(ctx, model: nn.Module, limit: int) -> Stats:
     with eval_mode(model):
-        return collect(model, ctx.test_batches(limit))
+        return collect(model, ctx.progress(ctx.test_batches(limit), desc="activation statistics (batches)"))
 
 
 def _at_init(ctx, role: str, model: nn.Module, limit: int) -> Stats | None:

@@ -86,11 +86,12 @@ def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section
     with torch.no_grad():
         pred = model(x).argmax(1)
     methods = method_names(model, opts["methods"])
-    maps = _maps(model, methods, x, pred, opts)
+    maps = _maps(model, ctx.progress(methods, desc="attribution maps"), x, pred, opts)
     gen = torch.Generator().manual_seed(ctx.seed)
     random_map = torch.rand(maps[methods[0][0]].shape, generator=gen).to(x.device)
     rows, scores = [], {}
-    for name, m in list(maps.items()) + [("random (baseline)", random_map)]:
+    for name, m in ctx.progress(list(maps.items()) + [("random (baseline)", random_map)],
+                                desc="deletion/insertion scoring"):
         _, _, d_auc, i_auc = deletion_insertion(model, x, pred, m, steps=opts["curve_steps"],
                                                 batch_size=opts["internal_batch_size"])
         sc = {"deletion_auc": d_auc.mean().item(), "insertion_auc": i_auc.mean().item()}

@@ -373,3 +373,18 @@ def test_a_run_that_crashes_says_failed_not_running(tmp_path, data):
     stored = json.loads((tmp_path / "r" / "results.json").read_text())
     assert stored["status"] == "failed" and stored["run"]["phase"] == "train"
     assert stored["error"] == "RuntimeError: the model's forward is broken"
+
+
+def test_a_run_with_progress_shows_each_long_phase_on_stderr_and_never_in_the_report(tmp_path, data, capsys):
+    result = resinspect.run(data=data, plugins=["ablation", "activations", "attribution"], epochs=1, twin=True,
+                            out=tmp_path / "r", device="cpu", progress=True,
+                            options={"ablation": {"k_max": 1, "subsets": 1},
+                                     "attribution": {"images": 4, "ig_steps": 2, "sanity_images": 2}})
+    err = capsys.readouterr().err
+    for phase in ("train model", "train twin", "[resinspect] analysing: ablation", "ablation: lesion sweep",
+                  "ablation: lesions with BN re-estimated", "ablation: plain twin sweep",
+                  "activations: activation statistics", "attribution: attribution maps",
+                  "attribution: deletion/insertion scoring", "attribution: cascading randomisation"):
+        assert phase in err, phase
+    html = (result.run_dir / "index.html").read_text()
+    assert "it/s" not in html and "analysing:" not in html
