@@ -32,6 +32,11 @@ gracefully, more so the more blocks it has; downsampling blocks are the exceptio
 crosses them. A plain network has a single path: removing any layer pair breaks it. Bypassing k random blocks \
 at once shows how the damage grows with k: smoothly for an ensemble, as a cliff for a chain.
 
+Pairwise lesions test the ensemble view directly: if blocks behave like independent members of an ensemble, \
+removing two of them costs what removing each costs alone, added up. For every pair of non-downsampling \
+blocks (option pair_blocks limits how many) the interaction is the pair's cost minus the two single costs; \
+the heatmap shows it, red where the pair hurts more than the sum, blue where less.
+
 Optionally BatchNorm statistics are re-estimated after each lesion (option bn_recalibrate), which separates \
 "the block mattered" from "the following layers' statistics shifted". The long version of the \
 ensemble-of-paths argument is docs/residual-learning.md, section "An ensemble of paths"."""
@@ -52,6 +57,12 @@ def resinspect_addoptions(options):
     options.add("critical_points", float, 5.0, "accuracy cost (points) from which a block counts as critical",
                 check=lambda v: "must be >= 0" if v < 0 else None)
     options.add("fast", bool, True, "share the clean pass's block outputs between lesions (same results)")
+    options.add("pair_blocks", int, 32, "pairwise lesions: every pair among the first this many "
+                "non-downsampling blocks (0 skips the pairwise study)",
+                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("independent_points", float, 1.0, "blocks count as acting independently when the median "
+                "|interaction| of a pair is below this many accuracy points (or a quarter of the median pair "
+                "cost, whichever is larger)", check=lambda v: "must be >= 0" if v < 0 else None)
 
 
 @contextmanager
@@ -137,6 +148,9 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     for k in range(1, k_max + 1):
         k_lesions[k] = [Lesion("bypass", tuple(sorted(rng.sample(range(n), k)))) for _ in range(opts["subsets"])]
         lesions += k_lesions[k]
+    regular = [i for i, b in enumerate(blocks) if not b.downsamples][: opts["pair_blocks"]]
+    pair_lesions = [Lesion("bypass", (i, j)) for a, i in enumerate(regular) for j in regular[a + 1:]]
+    lesions += pair_lesions
     clean, stats = lesion_sweep(model, ctx.progress(ctx.test_batches(opts["samples"]), desc="lesion sweep (batches)"),
                                 blocks, lesions, fast=opts["fast"])
     by_lesion = dict(zip(lesions, stats))
@@ -193,6 +207,8 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
         section.table("Bypassing k random blocks together", ["k", "mean acc.", "std", "min", "max"],
                       [list(r) for r in k_curve], caption=f"{opts['subsets']} random subsets per k, seed {ctx.seed}.")
 
+    if pair_lesions:
+        _pairwise(section, blocks, regular, clean, costs, by_lesion, opts)
     plain = _plain_comparison(ctx, blocks, opts)
     if plain is not None:
         m.update(plain["metrics"])
@@ -230,6 +246,62 @@ def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
         metrics["plain_median_cost_bn_points"] = statistics.median(r[3] for r in rows)
     return {"rows": rows, "metrics": metrics, "clean": clean, "names": [n for n, _ in pairs],
             "accuracy": {n: s.accuracy for (n, _), s in zip(pairs, stats)}, "recal": recal is not None}
+
+
+def _pairwise(section, blocks, regular, clean, costs, by_lesion, opts) -> None:
+    """Pairwise lesions: if blocks act like members of an ensemble, removing two costs the sum of the two."""
+    import numpy as np
+
+    n = len(regular)
+    pair = np.full((n, n), np.nan)
+    inter = np.full((n, n), np.nan)
+    for a, i in enumerate(regular):
+        for b in range(a + 1, n):
+            j = regular[b]
+            cost = _cost(clean, by_lesion[Lesion("bypass", (i, j))])
+            pair[a, b] = pair[b, a] = cost
+            inter[a, b] = inter[b, a] = cost - costs[i] - costs[j]
+    upper = np.triu_indices(n, 1)
+    pair_costs, interactions = pair[upper], inter[upper]
+    m = section.metrics
+    m.update({"pairs": len(pair_costs), "pair_median_cost_points": float(np.median(pair_costs)),
+              "pair_median_sum_of_singles_points": float(np.median(pair_costs - interactions)),
+              "pair_median_interaction_points": float(np.median(interactions)),
+              "pair_median_abs_interaction_points": float(np.median(np.abs(interactions)))})
+    order = np.argsort(-np.abs(interactions))[:8]
+    names = [blocks[i].name for i in regular]
+    section.table("Pairwise lesions: the most interacting pairs", ["block", "block", "pair cost (points)",
+                  "sum of single costs", "interaction"],
+                  [[names[upper[0][t]], names[upper[1][t]], float(pair_costs[t]),
+                    float(pair_costs[t] - interactions[t]), float(interactions[t])] for t in order],
+                  caption=f"{len(pair_costs)} pairs of non-downsampling blocks; interaction = pair cost − the two "
+                          "single-block costs (0: the two blocks act independently).")
+    singles = m["pair_median_sum_of_singles_points"]
+    threshold = max(opts["independent_points"], 0.25 * abs(singles))
+    independent = m["pair_median_abs_interaction_points"] <= threshold
+    direction = "more" if m["pair_median_interaction_points"] > 0 else "less"
+    summary = (f"Removing two blocks costs a median {m['pair_median_cost_points']:.1f} points against "
+               f"{singles:.1f} for the two removals' single costs added up (median |interaction| "
+               f"{m['pair_median_abs_interaction_points']:.1f} points over {len(pair_costs)} pairs)")
+    if float(np.max(np.abs(pair_costs))) < opts["independent_points"]:
+        section.finding(summary + ": no pair costs measurable accuracy here, so the test says nothing about "
+                        "interactions.", "info")
+    else:
+        section.finding(summary + (": the blocks act nearly independently, as members of an ensemble would."
+                                   if independent else
+                                   f": the blocks interact — removing two typically costs {direction} than the "
+                                   "sum of removing each."), "good" if independent else "info")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.28 * n + 2.5), max(3.8, 0.28 * n + 1.8)))
+    vmax = max(float(np.nanmax(np.abs(inter))), 1e-9)
+    im = ax.imshow(inter, cmap="coolwarm", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(n), names, fontsize=6)
+    ax.set(title="Pair cost − sum of single costs (points)")
+    fig.colorbar(im, ax=ax)
+    section.figure(fig, "Pairwise lesion interaction", "Red: removing the two blocks together costs more than "
+                   "removing each alone, added up; blue: less; white: they act independently (Veit et al.'s "
+                   "ensemble view predicts white).")
 
 
 def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) -> None:

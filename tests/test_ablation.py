@@ -70,7 +70,7 @@ def test_model_is_restored_exactly(trained_ctx):
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     trained_ctx.plugin_options = {"ablation": {"samples": 48, "k_max": 3, "subsets": 2, "skip_removal": True,
                                                "bn_recalibrate": True, "bn_batches": 2, "critical_points": 5.0,
-                                               "fast": True}}
+                                               "fast": True, "pair_blocks": 4, "independent_points": 1.0}}
     section = ablation.resinspect_analyze(ctx=trained_ctx)
     assert section.metrics["blocks"] == 9 and section.metrics["images"] == 48
     assert not model.training
@@ -119,3 +119,32 @@ def test_identity_lesion_of_a_plain_pair_is_the_identity():
     with identity_replaced([twin.layer1[1]]):
         assert torch.equal(twin.layer1[1](x), x)
     assert not torch.equal(twin.layer1[1](x), x)
+
+
+def test_pairwise_lesions_match_bypassing_the_two_blocks_by_hand():
+    import resinspect
+    from torch.utils.data import DataLoader
+    from resinspect.training import evaluate
+
+    data = tiny_data(train=128, test=64)
+    section = run_plugin("ablation", data=data, epochs=1,
+                         options={"ablation": {"pair_blocks": 3, "k_max": 0, "skip_removal": False,
+                                               "bn_recalibrate": False}})
+    model = section.run_result.model
+    blocks = [b for b in resinspect.residual_blocks(model) if not b.downsamples][:3]
+    loader = DataLoader(data.test, batch_size=64)
+    cpu = torch.device("cpu")
+    clean = evaluate(model, loader, cpu)["accuracy"]
+
+    def cost(chosen):
+        with resinspect.bypass(model, chosen):
+            return (clean - evaluate(model, loader, cpu)["accuracy"]) * 100
+
+    table = next(t for t in section.tables if t.title.startswith("Pairwise lesions"))
+    assert section.metrics["pairs"] == 3 and len(table.rows) == 3
+    for a_name, b_name, pair_cost, singles, interaction in table.rows:
+        a, b = (next(x for x in blocks if x.name == n) for n in (a_name, b_name))
+        assert pair_cost == pytest.approx(cost([a, b]), abs=1e-9)
+        assert singles == pytest.approx(cost([a]) + cost([b]), abs=1e-9)
+        assert interaction == pytest.approx(pair_cost - singles, abs=1e-9)
+    assert any("Removing two blocks costs a median" in f.text for f in section.findings)

@@ -15,7 +15,7 @@ from resinspect.testing import check_contract
 INSTALLED = sorted(name for name, info in discover_entry_points().items() if info.load_error is None)
 # smaller workloads for the expensive analyses; the contract is about behaviour, not statistics
 FAST = {
-    "ablation": {"k_max": 2, "subsets": 2, "bn_batches": 1},
+    "ablation": {"k_max": 2, "subsets": 2, "bn_batches": 1, "pair_blocks": 3},
     "attribution": {"images": 6, "ig_steps": 4, "smoothgrad_samples": 2, "sanity_images": 3,
                     "methods": ["saliency", "integrated_gradients", "occlusion", "gradcam"]},
     "activations": {"samples": 32},
