@@ -32,7 +32,8 @@ __all__ = ["PluginHost", "PluginInfo", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "resinspect"
 # The analyses `resinspect run` uses when --plugins is not given.
-DEFAULT_PLUGINS = ("summary", "activations", "formulas", "gradflow", "weights", "ablation", "paths", "attribution")
+DEFAULT_PLUGINS = ("summary", "activations", "formulas", "gradflow", "weights", "ablation", "paths", "shattered",
+                   "attribution")
 TRACE_ENV = "RESINSPECT_TRACE_PLUGINS"
 
 

@@ -19,6 +19,8 @@ FAST = {
     "attribution": {"images": 6, "ig_steps": 4, "smoothgrad_samples": 2, "sanity_images": 3,
                     "methods": ["saliency", "integrated_gradients", "occlusion", "gradcam"]},
     "activations": {"samples": 32},
+    "paths": {"samples": 16},
+    "shattered": {"lines": 1, "points": 8, "toy_seeds": 1},
 }
 
 

@@ -51,7 +51,9 @@ of 54 blocks): the effective network is an ensemble of shallow ones.</p>
 <p id="explainer-degradation"><strong>The degradation problem.</strong> Deeper plain networks train to
 <em>higher</em> training error than shallower ones (He et al. 2016): not overfitting, but an
 optimisation difficulty. Their gradients also become "shattered", close to white noise across inputs
-(Balduzzi et al. 2017). The plain twin (<code>--twin</code>) is the same network without shortcuts, so the
+(Balduzzi et al. 2017): move the input a little and the gradient of a deep plain network changes
+unrecognisably, while a residual network's stays correlated over long distances, like brown noise. A gradient
+that does not predict itself a step away is a poor guide for descent. The plain twin (<code>--twin</code>) is the same network without shortcuts, so the
 comparison isolates what the shortcuts do.</p>
 
 <p id="explainer-responses"><strong>Small responses.</strong> In trained ResNets the branches' outputs
