@@ -12,7 +12,7 @@ repeated once per level (the network is in eval mode, so samples are independent
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,6 @@ class PathSums:
     total_norm_sum: float = 0.0
     count: int = 0
     max_rel_error: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.norm_sum is None:

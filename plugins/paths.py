@@ -12,6 +12,7 @@ import torch
 
 from resinspect import Section, capture, eval_mode, hookimpl, pyplot, residual_blocks
 from resinspect_plugins._paths import PathSums, path_gradients
+from resinspect_plugins.summary import central_range
 
 NAME = "paths"
 
@@ -120,8 +121,6 @@ def resinspect_analyze(ctx) -> Section:
 
 
 def _report(s: Section, ctx, n: int, described: dict, twin: float | None, coverage: float) -> None:
-    from resinspect_plugins.summary import central_range
-
     b_lo, b_hi, _ = central_range(n)
     s.metrics.update({"blocks": n, "binomial_95_low": b_lo, "binomial_95_high": b_hi})
     for state, d in described.items():
