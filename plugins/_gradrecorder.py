@@ -56,6 +56,7 @@ class GradRecorder:
         self.param_buf = torch.zeros(CAPACITY, 3, len(self.params), device=device)
         self.block_buf = torch.zeros(CAPACITY, len(blocks), 4, device=device)
         self._zero = torch.zeros((), device=device)
+        self._groups, self._inverse = _shape_groups(self.params, device)
         self.pending: list[torch.Tensor] = [self._zero] * (4 * len(blocks))
         self.block_rows: list[int] = []
         self.rows = 0
@@ -63,6 +64,8 @@ class GradRecorder:
         pending = self.pending
 
         def report(j: int, part: str, g: torch.Tensor) -> None:
+            # normed at once: holding on to the gradient until the step ends would cost more (autograd can
+            # no longer reuse its buffer)
             pending[4 * j + _COLUMN[part]] = torch.linalg.vector_norm(g.detach())
 
         self._split.enter_context(gradient_split(blocks, report, enabled=lambda: self.tap and self.active))
@@ -72,12 +75,8 @@ class GradRecorder:
 
     def record(self, step: int) -> None:
         if self.active:
-            grads = [p.grad.detach() if p.grad is not None else self._zero for p in self.params]
-            if grads:
-                l2 = torch.stack(torch._foreach_norm(grads, 2))
-                l1 = torch.stack(torch._foreach_norm(grads, 1))
-                linf = torch.stack(_foreach_absmax(grads))
-                self.param_buf[self.rows] = torch.stack([l2, l1 / self._numel(l1.device), linf])
+            if self.params:
+                self.param_buf[self.rows] = self._param_stats()
             if self.tap and self.block_names:
                 self.block_buf[self.rows] = torch.stack(self.pending).view(-1, 4)
                 self.pending[:] = [self._zero] * len(self.pending)
@@ -89,10 +88,18 @@ class GradRecorder:
         self.active = (step + 1) % self.every == 0
         self.tap = len(self.steps) % self.block_every == 0
 
-    def _numel(self, device: torch.device) -> torch.Tensor:
-        if not hasattr(self, "_numels"):
-            self._numels = torch.tensor([float(p.numel()) for p in self.params], device=device)
-        return self._numels
+    def _param_stats(self) -> torch.Tensor:
+        """``[3, parameters]``: L2 norm, mean |g| and max |g| of each parameter's gradient. Parameters of one
+        shape are stacked and reduced together: a few calls per shape instead of several per parameter."""
+        out = []
+        for idx in self._groups:
+            grads = [self.params[i].grad for i in idx]
+            g = torch.stack([x.detach() if x is not None else torch.zeros_like(self.params[i])
+                             for i, x in zip(idx, grads)]).flatten(1)
+            l2 = torch.linalg.vector_norm(g, dim=1)
+            g = g.abs_()
+            out.append(torch.stack([l2, g.mean(1), g.amax(1)]))
+        return torch.cat(out, 1)[:, self._inverse]
 
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
         """Move the recorded rows to the host (one transfer); returns the new rows."""
@@ -123,8 +130,12 @@ class GradRecorder:
         return start, p[start:], b[start:]
 
 
-def _foreach_absmax(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """max |t| of each tensor; ``_foreach_max`` of ``_foreach_abs`` is several times faster than the inf-norm."""
-    if hasattr(torch, "_foreach_max"):
-        return list(torch._foreach_max(torch._foreach_abs(tensors)))
-    return list(torch._foreach_norm(tensors, float("inf")))
+def _shape_groups(params: list[nn.Parameter], device: torch.device) -> tuple[list[list[int]], torch.Tensor]:
+    """Parameter indices grouped by shape, and the permutation that puts the groups' columns back in order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(tuple(p.shape), []).append(i)
+    order = [i for idx in groups.values() for i in idx]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return list(groups.values()), inverse.to(device)

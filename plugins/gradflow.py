@@ -41,8 +41,8 @@ KEY = StashKey[dict]()
 def resinspect_addoptions(options):
     options.add("every", int, 1, "record parameter gradient norms every k-th training step",
                 check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("block_every", int, 5, "split each block's input gradient into skip and branch parts every k-th "
-                "recorded step (the split costs an extra view and four hooks per block)",
+    options.add("block_every", int, 10, "split each block's input gradient into skip and branch parts every k-th "
+                "recorded step (a split step costs about a tenth more: an extra view and four hooks per block)",
                 check=lambda v: "must be >= 1" if v < 1 else None)
     options.add("vanish_ratio", float, 1e-3, "a layer vanishes at a step when its gradient norm is below this "
                 "fraction of the median layer's", check=lambda v: "must be > 0" if v <= 0 else None)

@@ -18,6 +18,7 @@ restore the original on exit, also after an exception.
 from __future__ import annotations
 
 import operator
+import types
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -69,7 +70,7 @@ class ResidualBlock:
         self.shortcut_kind = shortcut_kind
         self.shortcut_module = shortcut_node.target if shortcut_node.op == "call_module" else None
         self._graph, self._add, self._branch, self._shortcut = graph, add, branch_node, shortcut_node
-        self._variants: dict[str, fx.GraphModule] = {}
+        self._variants: dict[str, Callable[..., torch.Tensor]] = {}
         self.downsamples = any(
             (isinstance(m, nn.modules.conv._ConvNd) and max(m.stride) > 1)
             or isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))
@@ -87,13 +88,25 @@ class ResidualBlock:
     def parameters_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
-    def variant(self, mode: str) -> fx.GraphModule:
+    def variant(self, mode: str) -> Callable[..., torch.Tensor]:
         """The block's forward rewritten: ``bypass``, ``drop_skip``, ``branch`` (F(x)), ``shortcut`` (S(x)),
         or ``split`` (``forward(x_branch, x_skip)``: the same output, with the two paths reading separate inputs
-        so that autograd keeps their gradient contributions to x apart)."""
+        so that autograd keeps their gradient contributions to x apart).
+
+        The result is the rewritten code bound to this block's module (it calls the very same submodules);
+        the code is compiled once per distinct graph and shared by every block that has it, so asking for a
+        variant of each of a deep network's blocks is cheap. :meth:`graph_module` gives it as a module."""
         if mode not in self._variants:
-            self._variants[mode] = _rewrite(self, mode)
+            self._variants[mode] = _bind(_rewrite(self, mode), self.module)
         return self._variants[mode]
+
+    def graph_module(self, mode: str) -> fx.GraphModule:
+        """The variant ``mode`` as a :class:`torch.fx.GraphModule` that holds the submodules it uses (for
+        replacing the block in its parent, as the plain twin does)."""
+        gm = fx.GraphModule(self.module, _rewrite(self, mode), class_name=f"{type(self.module).__name__}_{mode}")
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): the branch's output just before the addition."""
@@ -168,7 +181,7 @@ def _shortcut_kind(module: nn.Module, node: fx.Node, x: fx.Node) -> str | None:
     return None
 
 
-def _rewrite(block: ResidualBlock, mode: str) -> fx.GraphModule:
+def _rewrite(block: ResidualBlock, mode: str) -> fx.Graph:
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(block._graph, remap)
@@ -199,10 +212,29 @@ def _rewrite(block: ResidualBlock, mode: str) -> fx.GraphModule:
             raise ValueError(f"unknown switch mode '{mode}'; valid: bypass, drop_skip, branch, shortcut")
         add.replace_all_uses_with(replacement)
         graph.erase_node(add)
-    gm = fx.GraphModule(block.module, graph, class_name=f"{type(block.module).__name__}_{mode}")
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    graph.owning_module = block.module  # the purity check of dead-code elimination looks modules up there
+    graph.eliminate_dead_code()
+    return graph
+
+
+# compiled forwards of rewritten graphs, keyed by their source and the objects that source refers to
+_COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+
+def _bind(graph: fx.Graph, module: nn.Module) -> Callable[..., torch.Tensor]:
+    """``graph``'s code (as torch.fx generates it for a GraphModule rooted at ``module``) as a method of
+    ``module``. Building a GraphModule defines a new class each time (milliseconds per block); the code of a
+    variant only refers to the module's own attributes, so one compiled function serves every block whose
+    graph is the same."""
+    code = graph.python_code(root_module="self")
+    key = (code.src, tuple(sorted((k, id(v)) for k, v in code.globals.items())))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        scope = dict(code.globals)
+        exec(compile(code.src, f"<resinspect variant of {type(module).__name__}>", "exec"), scope)  # noqa: S102 (torch.fx's own code generation, as GraphModule.recompile does)
+        fn = _COMPILED[key] = scope["forward"]
+        fn._resinspect_globals = code.globals  # keeps the objects of the key alive
+    return types.MethodType(fn, module)
 
 
 def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
@@ -291,7 +323,7 @@ def forwards_replaced(replacements: Iterable[tuple[nn.Module, Callable]]) -> Ite
 @contextmanager
 def _switched(model: nn.Module, blocks, mode: str) -> Iterator[list[ResidualBlock]]:
     resolved = _resolve(model, blocks)
-    with forwards_replaced((b.module, b.variant(mode).forward) for b in resolved):
+    with forwards_replaced((b.module, b.variant(mode)) for b in resolved):
         yield resolved
 
 

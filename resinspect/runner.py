@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import importlib.metadata
 import platform
 import time
@@ -230,6 +231,7 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     results = _initial_results(s, nets, ctx, plugin_options)
     results.write(run_dir, figures=False)
     phase = "train"
+    heap = _FrozenHeap()
     try:
         history, error = _train(s, nets, ctx, host, progress)
         phase = "analyze"
@@ -246,6 +248,21 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     finally:
         host.call("resinspect_unconfigure", ctx=ctx, include_failed=True)
         ctx.tensorboard.close()
+        heap.close()
+
+
+class _FrozenHeap:
+    """While a run trains and analyses, the objects that exist before it (torch's, the data's, the models')
+    are moved out of the garbage collector's view (:func:`gc.freeze`): each full collection would otherwise
+    walk them all (some 400 000 objects, a quarter of a second on a small machine, several times a run).
+    ``close`` gives them back, so nothing stays uncollectable after the run."""
+
+    def __init__(self) -> None:
+        gc.collect()
+        gc.freeze()
+
+    def close(self) -> None:
+        gc.unfreeze()
 
 
 def _context(s: RunSettings, nets: _Networks, dev: torch.device, run_dir: Path, plugin_options: dict[str, Any],

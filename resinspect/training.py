@@ -10,7 +10,6 @@ implements a hook it is not called at all.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -205,6 +204,13 @@ def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoa
     return loop.history
 
 
+def _copy_state(into: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Copy the model's state into the tensors of ``into`` (same keys and shapes), without allocating."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            into[k].copy_(v)
+
+
 class _Loop:
     """The state of one network's training: optimiser, schedule, history, last good weights."""
 
@@ -225,7 +231,8 @@ class _Loop:
         self.trainee = Trainee(role, model, self.optimizer, cfg.epochs, steps)
         self.history = History()
         self.bar = _Progress(progress, role, cfg.epochs, steps)
-        self.last_good = copy.deepcopy(model.state_dict())
+        # the last good weights, copied into one preallocated set of tensors at each epoch end
+        self.last_good = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.start = time.perf_counter()
         self.global_step = 0
 
@@ -257,7 +264,7 @@ class _Loop:
         if self.writer is not None:
             for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
                 self.writer.add_scalar(f"train/{k}", metrics[k], epoch + 1)
-        self.last_good = copy.deepcopy(model.state_dict())
+        _copy_state(self.last_good, model)
         if self.on_epoch_end is not None:
             self.on_epoch_end(model, metrics)
         self.call("resinspect_epoch_end", epoch=EpochInfo(self.role, model, epoch + 1, metrics))

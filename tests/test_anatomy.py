@@ -140,3 +140,21 @@ def test_unknown_block_name():
     with pytest.raises(UnknownNameError, match="layer1.0"):
         with bypass(build_model("resnet20"), "layer9.9"):
             pass
+
+
+def test_variants_share_compiled_code_but_call_their_own_block():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, 8).eval()
+    blocks = residual_blocks(model)
+    a, b = blocks[1], blocks[2]  # same structure (identity shortcut, 16 channels), different weights
+    assert a.variant("branch").__func__ is b.variant("branch").__func__
+    x = torch.randn(4, 16, 8, 8)
+    with torch.no_grad():
+        for blk in (a, b):
+            m = blk.module
+            expected = m.bn2(m.conv2(F.relu(m.bn1(m.conv1(x)))))
+            assert torch.allclose(blk.branch(x), expected, atol=1e-6)
+        assert not torch.allclose(a.branch(x), b.branch(x))
+    # the plain twin still gets a real module per block (it replaces the block in its parent)
+    gm = a.graph_module("drop_skip")
+    assert isinstance(gm, nn.Module) and sum(p.numel() for p in gm.parameters()) == a.parameters_count()

@@ -2,6 +2,7 @@
 plain twin, output errors and the plugin-author fixes."""
 
 import ast
+import gc
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import resinspect
 from resinspect import probes
 from resinspect.cli import build_cli, main
 from resinspect.errors import ResinspectError, UnknownNameError
+from resinspect.plugins import PluginHost, PluginInfo
 from resinspect.results import Results
 from resinspect.settings import SETTINGS, RunSettings, Setting
 from resinspect.testing import TwoBlockNet, make_context, run_plugin, tiny_data
@@ -373,6 +375,21 @@ def test_a_run_that_crashes_says_failed_not_running(tmp_path, data):
     stored = json.loads((tmp_path / "r" / "results.json").read_text())
     assert stored["status"] == "failed" and stored["run"]["phase"] == "train"
     assert stored["error"] == "RuntimeError: the model's forward is broken"
+    assert gc.get_freeze_count() == 0  # the heap frozen during the run is given back, also after a crash
+
+
+def test_the_heap_is_frozen_only_while_a_run_trains_and_analyses(tmp_path, data):
+    seen = []
+
+    class Spy:
+        @resinspect.hookimpl
+        def resinspect_analyze(self, ctx):
+            seen.append(gc.get_freeze_count())
+
+    host = PluginHost(available={})
+    host.add(PluginInfo("spy", Spy(), "test"))
+    resinspect.run(data=data, plugins=["spy"], epochs=0, out=tmp_path / "r", device="cpu", host=host)
+    assert seen and seen[0] > 10_000 and gc.get_freeze_count() == 0
 
 
 def test_a_run_with_progress_shows_each_long_phase_on_stderr_and_never_in_the_report(tmp_path, data, capsys):

@@ -204,7 +204,8 @@ def test_rows_flushed_mid_epoch_still_reach_tensorboard(tmp_path, data, monkeypa
 
     monkeypatch.setattr(_gradrecorder, "CAPACITY", 3)
     result = resinspect.run(model=UserResNet(), data=data, plugins=["gradflow"], epochs=2, batch_size=16,
-                            device="cpu", out=tmp_path / "r", options={"gradflow": {"tensorboard_every": 2}})
+                            device="cpu", out=tmp_path / "r",
+                            options={"gradflow": {"tensorboard_every": 2, "block_every": 5}})
     assert result.status == "complete"
     acc = EventAccumulator(str(tmp_path / "r" / "tb" / "model"), size_guidance={"scalars": 0})
     acc.Reload()

@@ -164,7 +164,7 @@ def remove_skips(model: nn.Module) -> nn.Module:
         if not child:
             raise ValueError("the model itself is a single residual block; it has no plain twin")
         parent = model.get_submodule(parent_name) if parent_name else model
-        plain = b.variant("drop_skip")
+        plain = b.graph_module("drop_skip")
         plain.delete_all_unused_submodules()  # the projection shortcut is gone from the twin, not just unused
         setattr(parent, child, plain)
     return model
