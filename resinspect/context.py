@@ -81,9 +81,17 @@ class RunContext:
     stash: Stash = field(default_factory=Stash)
     plugin: str | None = None
     show_progress: bool = False
+    sections: dict[str, list[Any]] = field(default_factory=dict)
     _block_cache: dict[str, list[ResidualBlock]] = field(default_factory=dict, repr=False)
 
     # -- options and names ---------------------------------------------------------------------
+    def section(self, plugin: str) -> Any:
+        """The (first) section another plugin's analysis returned in this run, or None when that plugin is
+        not active, failed, or has not run yet. A plugin that reads another's section declares its analysis
+        ``@hookimpl(trylast=True)`` so that it runs after the others."""
+        found = self.sections.get(plugin) or []
+        return found[0] if found and found[0].status == "ok" else None
+
     def options(self, plugin: str | None = None) -> dict[str, Any]:
         """The resolved options (defaults, config file, ``-o``) of ``plugin``, by default the plugin whose
         hook is running. An unknown name is an error, not an empty dict."""

@@ -33,6 +33,7 @@ __all__ = ["PluginHost", "PluginInfo", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP"]
 ENTRY_POINT_GROUP = "resinspect"
 # The analyses `resinspect run` uses when --plugins is not given.
 DEFAULT_PLUGINS = ("summary", "activations", "formulas", "gradflow", "weights", "ablation", "paths", "shattered",
+                   "similarity", "spectra",
                    "attribution")
 TRACE_ENV = "RESINSPECT_TRACE_PLUGINS"
 
@@ -211,8 +212,10 @@ class PluginHost:
         if hook not in self._impls:
             caller = getattr(self.pm.hook, hook)
             by_plugin = {impl.plugin_name: impl for impl in caller.get_hookimpls()}
-            self._impls[hook] = [(n, by_plugin[n].function, tuple(by_plugin[n].argnames))
-                                 for n in self.active if n in by_plugin]
+            names = [n for n in self.active if n in by_plugin]
+            # the selection's order, except that tryfirst implementations go first and trylast ones last
+            names.sort(key=lambda n: 0 if by_plugin[n].tryfirst else 2 if by_plugin[n].trylast else 1)
+            self._impls[hook] = [(n, by_plugin[n].function, tuple(by_plugin[n].argnames)) for n in names]
         return self._impls[hook]
 
     def has(self, hook: str) -> bool:
@@ -263,7 +266,12 @@ class PluginHost:
             if progress:
                 sys.stderr.write(f"[resinspect] analysing: {name}\n")
                 sys.stderr.flush()
-            returned += self.call("resinspect_analyze", ctx=ctx, only=name)
+            got = self.call("resinspect_analyze", ctx=ctx, only=name)
+            returned += got
+            for _, result in got:  # visible to the plugins that run later (ctx.section)
+                if hasattr(ctx, "sections"):
+                    ctx.sections[name] = [r for r in (result if isinstance(result, list) else [result])
+                                          if isinstance(r, Section)]
         for name, result in returned:
             items = [] if result is None else result if isinstance(result, list) else [result]
             bad = [type(s).__name__ for s in items if not isinstance(s, Section)]

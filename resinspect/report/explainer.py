@@ -5,7 +5,7 @@ The long version is docs/residual-learning.md.
 """
 
 ANCHORS = ("explainer-residual", "explainer-gradient", "explainer-paths", "explainer-degradation",
-           "explainer-responses", "explainer-sanity")
+           "explainer-responses", "explainer-similarity", "explainer-spectra", "explainer-sanity")
 
 EXPLAINER_HTML = """
 <p id="explainer-residual"><strong>The residual block.</strong> A block computes
@@ -61,6 +61,21 @@ comparison isolates what the shortcuts do.</p>
 rather than replacing it (He et al. 2016, Fig. 7). A block whose
 <math><mo>‖</mo><mi>F</mi><mo>(</mo><mi>x</mi><mo>)</mo><mo>‖</mo><mo>/</mo><mo>‖</mo><mi>x</mi><mo>‖</mo></math>
 is near zero is close to the identity.</p>
+
+<p id="explainer-similarity"><strong>How similar are two layers' representations?</strong> Centred kernel
+alignment (CKA; Kornblith et al. 2019) compares the responses of two layers to the same images: 1 when one
+is a rotation or rescaling of the other, near 0 when they are unrelated, whatever their widths. A residual
+block adds a correction to its input, so its output stays similar to it; in deep or wide ResNets whole runs
+of consecutive blocks come out nearly identical, a "block structure" (Nguyen, Raghu &amp; Kornblith 2021)
+that marks blocks which barely change the representation and could be removed.</p>
+
+<p id="explainer-spectra"><strong>What the weights' spectra say.</strong> The eigenvalues of a layer's
+<math><msup><mi>W</mi><mi>T</mi></msup><mi>W</mi></math> form a random-matrix bulk at initialisation;
+training grows a heavy, power-law tail
+<math><mi>p</mi><mo>(</mo><mi>λ</mi><mo>)</mo><mo>∝</mo><msup><mi>λ</mi><mrow><mo>−</mo><mi>α</mi></mrow></msup></math>
+(Martin &amp; Mahoney 2021). The smaller α, the heavier the tail and the more correlation the layer has
+learned; WeightWatcher reads α between 2 and 6 as well trained, above 6 as barely trained. With a shortcut a
+block only learns a correction, so its layers may stay closer to random than the plain twin's.</p>
 
 <p id="explainer-sanity"><strong>Trusting attribution maps.</strong> A saliency map should depend on what the
 model learned. Adebayo et al. (2018) re-initialise a network's layers from the output backwards and find
