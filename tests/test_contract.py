@@ -21,6 +21,9 @@ FAST = {
     "activations": {"samples": 32},
     "paths": {"samples": 16},
     "shattered": {"lines": 1, "points": 8, "toy_seeds": 1},
+    "landscape": {"resolution": 3, "resolution_1d": 3, "samples": 16},
+    "curvature": {"samples": 16, "probes": 2, "top_k": 1, "max_iter": 4},
+    "similarity": {"images": 32},
 }
 
 
