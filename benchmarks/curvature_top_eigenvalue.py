@@ -4,7 +4,7 @@ power iteration against plugin curvature's Lanczos, both stopping when the estim
 counts the Hessian-vector products and prints the time ratio PyHessian / ours (target: >= 1.5).
 
     pip install pyhessian       # the bench extra: pip install -e ".[bench]"
-    python benchmarks/curvature_top_eigenvalue.py [--batch 128] [--repeats 3]
+    python benchmarks/curvature_top_eigenvalue.py [--batch 128] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--tol", type=float, default=1e-3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     import sys
 
