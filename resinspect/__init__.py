@@ -22,12 +22,13 @@ from .hookspecs import hookimpl  # noqa: E402
 from .models import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from .probes import (BlockLinearization, Captured, assert_clean, block_vjp, capture, capture_batches,  # noqa: E402
                      eval_mode, gradient_split, hooks_left, is_batchnorm, is_conv, is_linear, on_forward)
+from .compare import Comparison, compare  # noqa: E402
 from .results import Results  # noqa: E402
 from .runner import RunResult, run  # noqa: E402
 from .section import Figure, Finding, Section, Table, pyplot  # noqa: E402
 from .settings import RunSettings  # noqa: E402
 
-__all__ = ["run", "RunResult", "RunSettings", "Results", "hookimpl", "Section", "Finding", "Table", "Figure",
+__all__ = ["run", "compare", "Comparison", "RunResult", "RunSettings", "Results", "hookimpl", "Section", "Finding", "Table", "Figure",
            "pyplot", "RunContext", "StashKey", "DataBundle", "ResinspectError",
            "residual_blocks", "require_blocks", "ResidualBlock", "NoResidualBlocks",
            "bypass", "drop_skip", "forwards_replaced",

@@ -230,6 +230,23 @@ def report_cmd(run_dir: str) -> None:
     click.echo(f"wrote {render_run(Path(run_dir))}")
 
 
+@click.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="RUN_DIR...")
+@click.option("--out", default="compare.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML page to write.")
+@_friendly
+def compare_cmd(run_dirs: tuple[str, ...], out: str) -> None:
+    """Put two or more runs (RUN_DIR...) side by side from their results.json files (no model needed): settings
+    that differ, accuracy, every metric with the differences highlighted, findings that differ, training curves,
+    figures."""
+    from .compare import compare, render_compare_html
+    from .rundir import write_atomic
+
+    cmp = compare(run_dirs)
+    write_atomic(Path(out), render_compare_html(cmp))
+    click.echo(f"{len(cmp.differences)} of {len(cmp.metrics)} metrics differ; wrote {out}")
+
+
 @click.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "parent", default=".", type=click.Path(file_okay=False), help="Where to create the package.")
@@ -251,7 +268,7 @@ def new_plugin_cmd(name: str, parent: str) -> None:
     click.echo(f"created {root}: pip install {target} && resinspect run --plugins {name}")
 
 
-_COMMANDS = [plugins_cmd, models_cmd, datasets_cmd, report_cmd, new_plugin_cmd]
+_COMMANDS = [plugins_cmd, models_cmd, datasets_cmd, report_cmd, compare_cmd, new_plugin_cmd]
 main = build_cli()
 
 if __name__ == "__main__":  # pragma: no cover
