@@ -58,7 +58,7 @@ class HessianOperator:
         self.grads = []
 
 
-def lanczos(op: Callable[[torch.Tensor], torch.Tensor], dim: int, steps: int, start: torch.Tensor,
+def lanczos(op: Callable[[torch.Tensor], torch.Tensor], steps: int, start: torch.Tensor,
             tol: float = 0.0, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Lanczos with full reorthogonalisation from ``start``, for at most ``steps`` products.
 
@@ -127,7 +127,7 @@ def top_eigenvalues(op: HessianOperator, k: int = 1, steps: int = 100, tol: floa
         g = op.gradient()
         start = g / g.norm().clamp_min(1e-30) + 0.1 * start / start.norm()
     before = op.products
-    alphas, betas, m = lanczos(op, op.dim, min(steps, op.dim), start, tol, k)
+    alphas, betas, m = lanczos(op, min(steps, op.dim), start, tol, k)
     ritz = torch.linalg.eigvalsh(_tridiagonal(list(alphas), list(betas))).flip(0)
     return [float(v) for v in ritz[:k]], op.products - before
 
@@ -183,7 +183,7 @@ def density(op: HessianOperator, steps: int = 80, runs: int = 1, width: float | 
     nodes, weights = [], []
     for _ in range(runs):
         v = (torch.randint(0, 2, (op.dim,), generator=generator) * 2 - 1).to(op.device, op.dtype)
-        alphas, betas, m = lanczos(op, op.dim, min(steps, op.dim), v)
+        alphas, betas, m = lanczos(op, min(steps, op.dim), v)
         evals, evecs = torch.linalg.eigh(_tridiagonal(list(alphas), list(betas)))
         nodes.append(evals)
         weights.append(evecs[0] ** 2 / runs)

@@ -84,16 +84,11 @@ class LayerSpectrum:
         return self.alpha * self.log_spectral_norm
 
 
-def layer_matrices(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(matrices [rf, out, in], rf)``: a linear layer's weight as one matrix, a convolution's as one matrix
-    per kernel position, with WeightWatcher's conv2d normalisation for 2-D convolutions (each slice × 1/√2:
-    its ``sqrt(conv2d_count / 2)`` with the count reset to 1 per slice)."""
-    mats, rf, scale = _slices(weight)
-    return mats * math.sqrt(scale), rf
-
-
 def _slices(weight: torch.Tensor) -> tuple[torch.Tensor, int, float]:
-    """The unscaled slices (contiguous), their count, and the factor WeightWatcher applies to the eigenvalues."""
+    """``(slices [rf, out, in], rf, scale)``: a linear layer's weight as one matrix, a convolution's as one
+    matrix per kernel position (contiguous), and the factor WeightWatcher's conv2d normalisation applies to
+    the eigenvalues of 2-D convolutions (each slice × 1/√2: its ``sqrt(conv2d_count / 2)`` with the count
+    reset to 1 per slice)."""
     w = weight.detach()
     if w.dim() == 2:
         return w.unsqueeze(0), 1, 1.0

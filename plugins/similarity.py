@@ -49,7 +49,6 @@ class _Net:
     """The layers of one network whose Gram matrices are taken, in a fixed order."""
 
     role: str
-    prefix: str
     blocks: list[tuple[str, torch.nn.Module, object]]  # (name, module, ResidualBlock or None)
     names: list[str] = field(default_factory=list)  # layer names in the order of the first batch
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -109,12 +108,12 @@ def units(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 def _networks(ctx) -> list[_Net]:
     blocks = ctx.blocks("model")
-    nets = [_Net("model", "", [(b.name, b.module, b) for b in blocks] if blocks else
+    nets = [_Net("model", [(b.name, b.module, b) for b in blocks] if blocks else
                  [(n, m, None) for n, m in units(ctx.model)])]
     if ctx.twin is not None:
         pairs = [(b.name, m, None) for b, m in ctx.twin_counterparts() if m is not None]
         if pairs:
-            nets.append(_Net("twin", "twin: ", pairs))
+            nets.append(_Net("twin", pairs))
     return nets
 
 

@@ -103,10 +103,7 @@ class ResidualBlock:
     def graph_module(self, mode: str) -> fx.GraphModule:
         """The variant ``mode`` as a :class:`torch.fx.GraphModule` that holds the submodules it uses (for
         replacing the block in its parent, as the plain twin does)."""
-        gm = fx.GraphModule(self.module, _rewrite(self, mode), class_name=f"{type(self.module).__name__}_{mode}")
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return gm
+        return fx.GraphModule(self.module, _rewrite(self, mode), class_name=f"{type(self.module).__name__}_{mode}")
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """F(x): the branch's output just before the addition."""

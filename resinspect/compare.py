@@ -10,7 +10,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-import jinja2
 from markupsafe import Markup
 
 from .errors import ResinspectError
@@ -92,7 +91,7 @@ def _metrics(r: Results) -> dict[str, Any]:
 
 
 def _curves_png(cmp: Comparison) -> str | None:
-    from .section import pyplot
+    from .section import Figure, pyplot
 
     series = [(name, role, [e.get("test_accuracy") for e in h.get("epochs", [])])
               for name, r in zip(cmp.names, cmp.results) for role, h in r.training.items()]
@@ -106,12 +105,7 @@ def _curves_png(cmp: Comparison) -> str | None:
                 label=f"{name} ({role})")
     ax.set(xlabel="epoch", ylabel="test accuracy", title="Training curves")
     ax.legend(fontsize=7)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(Figure.from_matplotlib(fig, "Training curves").png).decode("ascii")
 
 
 def _findings(cmp: Comparison) -> list[dict[str, Any]]:
@@ -170,10 +164,9 @@ table.cmp td, table.cmp th { padding: 2px 8px; }</style></head>
 
 def render_compare_html(cmp: Comparison) -> str:
     """One self-contained page (CSS inline, figures embedded); every string is HTML-escaped."""
-    from .report import _cell
+    from .report import _env
 
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    env.filters["cell"] = _cell
+    env = _env()  # the run report's: autoescape, strict, the same number formatting
     css = resources.files("resinspect.report").joinpath("templates/report.css").read_text(encoding="utf-8")
     header = [("model", [r.model.get("name") for r in cmp.results]), ("data", [r.data.get("name") for r in cmp.results]),
               ("status", [r.status for r in cmp.results]), ("started", [r.run.started for r in cmp.results])]
