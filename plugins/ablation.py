@@ -88,14 +88,21 @@ def _recalibrated(model: nn.Module, batches: list) -> Iterator[None]:
             m.train(training)
 
 
+def _sweep(ctx, model, blocks, lesions, opts, desc: str, fast: bool) -> tuple[LesionStats, list[LesionStats]]:
+    """``lesion_sweep`` on the test images; under torchrun on this rank's share of the batches, with the counts
+    added up over the ranks."""
+    batches = ctx.shard(ctx.progress(ctx.test_batches(opts["samples"]), desc=desc))
+    return lesion_sweep(model, batches, blocks, lesions, fast=fast,
+                        reduce=ctx.all_reduce if ctx.world_size > 1 else None, device=ctx.device)
+
+
 def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
     """Each lesion evaluated after re-estimating BN statistics with the lesion in place (per-lesion passes)."""
     train = list(ctx.train_batches(opts["bn_batches"]))
     stats = []
     for lesion in ctx.progress(lesions, desc="lesions with BN re-estimated"):
         with applied_lesion(model, blocks, lesion), _recalibrated(model, train):
-            stats.append(lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())],
-                                      fast=False)[1][0])
+            stats.append(_sweep(ctx, model, blocks, [Lesion(lesion.mode, ())], opts, "", fast=False)[1][0])
     return stats
 
 
@@ -126,6 +133,7 @@ def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     section = Section(title="Ablation: block lesions and skip removal", explanation=EXPLANATION,
                       docs="explainer-paths")
+    section.key_metrics = ["median_lesion_cost_points", "max_lesion_cost_points"]
     model = ctx.model
     blocks = residual_blocks(model)
     if not blocks:
@@ -151,8 +159,7 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     regular = [i for i, b in enumerate(blocks) if not b.downsamples][: opts["pair_blocks"]]
     pair_lesions = [Lesion("bypass", (i, j)) for a, i in enumerate(regular) for j in regular[a + 1:]]
     lesions += pair_lesions
-    clean, stats = lesion_sweep(model, ctx.progress(ctx.test_batches(opts["samples"]), desc="lesion sweep (batches)"),
-                                blocks, lesions, fast=opts["fast"])
+    clean, stats = _sweep(ctx, model, blocks, lesions, opts, "lesion sweep (batches)", fast=opts["fast"])
     by_lesion = dict(zip(lesions, stats))
     single = [by_lesion[Lesion("bypass", (i,))] for i in range(n)]
     recal = None
@@ -185,6 +192,9 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     section.table(f"Single-block lesions (clean accuracy {clean.accuracy:.2%} on {clean.count} test images)",
                   columns, rows)
     costs = [_cost(clean, s) for s in single]
+    section.block_column("lesion cost (points)", {b.name: c for b, c in zip(blocks, costs)})
+    if skip:
+        section.block_column("skip removal cost (points)", {b.name: _cost(clean, s) for b, s in zip(blocks, skip)})
     plain_costs = [c for c, b in zip(costs, blocks) if not b.downsamples] or costs
     m["median_lesion_cost_points"] = statistics.median(plain_costs)
     m["max_lesion_cost_points"] = max(costs)
@@ -232,8 +242,7 @@ def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
             return None
         lesions = [Lesion("identity", (i,)) for i in range(len(pairs))]
         mods = [mod for _, mod in pairs]
-        clean, stats = lesion_sweep(twin, ctx.progress(ctx.test_batches(opts["samples"]), desc="plain twin sweep"),
-                                    mods, lesions, fast=opts["fast"])
+        clean, stats = _sweep(ctx, twin, mods, lesions, opts, "plain twin sweep", fast=opts["fast"])
         recal = None
         if opts["bn_recalibrate"] and _has_batchnorm(twin):
             recal = _recalibrated_sweep(ctx, twin, mods, lesions, opts)

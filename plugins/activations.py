@@ -161,7 +161,19 @@ def collect(model: nn.Module, batches, with_blocks: bool = True) -> Stats:
 
 def _collect_eval(ctx, model: nn.Module, limit: int) -> Stats:
     with eval_mode(model):
-        return collect(model, ctx.progress(ctx.test_batches(limit), desc="activation statistics (batches)"))
+        stats = collect(model, ctx.shard(ctx.progress(ctx.test_batches(limit), desc="activation statistics (batches)")))
+    return _reduced(ctx, stats)
+
+
+def _reduced(ctx, stats: Stats) -> Stats:
+    """Under torchrun: every rank's sums added up, the ReLU peaks maximised (one process: as it is)."""
+    if ctx.world_size == 1:
+        return stats
+    peaks = ctx.all_reduce(stats.relu_max, "max")
+    stats.relu_max = {}
+    stats = ctx.all_reduce(stats)
+    stats.relu_max = peaks
+    return stats
 
 
 def _at_init(ctx, role: str, model: nn.Module, limit: int) -> Stats | None:
@@ -177,6 +189,7 @@ def _at_init(ctx, role: str, model: nn.Module, limit: int) -> Stats | None:
 def resinspect_analyze(ctx) -> list[Section]:
     opts = ctx.options(NAME)
     s = Section(title="Activations", explanation=EXPLANATION, docs="explainer-responses")
+    s.key_metrics = ["branch_ratio_median", "model/response_std_mean"]
     stats = {role: _collect_eval(ctx, m, opts["samples"]) for role, m in ctx.networks()}
     labels = {role: ctx.label(role) for role in ("model", "twin")}
     # response strength
@@ -231,6 +244,7 @@ def resinspect_analyze(ctx) -> list[Section]:
             s.finding(f"No block is close to the identity: ‖F(x)‖/‖x‖ ranges from {min(r[1] for r in rows):.3f} to "
                       f"{max(r[1] for r in rows):.3f}.", "info")
         s.metrics["branch_ratio_median"] = float(np.median([r[1] for r in rows]))
+        s.block_column("||F(x)||/||x||", {b.name: r[1] for b, r in zip(blocks, rows)})
         _figures(s, blocks, rows, init is not None, resp, labels)
     elif not blocks:
         s.finding(f"{ctx.model_name} has no residual blocks: no branch ratios or residual-stream statistics.", "info")

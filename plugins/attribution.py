@@ -69,14 +69,31 @@ def _images(ctx, n: int):
     return x, y, masks
 
 
-def _maps(model, methods, x, target, opts) -> dict[str, torch.Tensor]:
-    return {name: attribute(model, key, x, target, opts, stage) for name, key, stage in methods}
+def _maps(model, methods, x, target, opts, ctx=None, seed: int = 0, desc: str | None = None
+          ) -> dict[str, torch.Tensor]:
+    """Every method's maps, each drawn with its own random stream (``seed`` + its index: the same numbers
+    whichever process computes it). Under torchrun (``ctx``) the methods are split across the ranks and the
+    maps gathered."""
+    indexed = list(enumerate(methods))
+    mine = ctx.split(indexed) if ctx is not None else indexed
+    if ctx is not None and desc:
+        mine = ctx.progress(mine, desc=desc)
+    out = {}
+    for i, (name, key, stage) in mine:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed + i)
+            out[name] = attribute(model, key, x, target, opts, stage)
+    if ctx is not None and ctx.world_size > 1:
+        gathered = {k: v for part in ctx.all_gather(out) for k, v in part.items()}
+        out = {name: gathered[name] for name, _, _ in methods}
+    return out
 
 
 @hookimpl
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Attribution maps, scored", explanation=EXPLANATION, docs="explainer-sanity")
+    s.key_metrics = ["integrated_gradients/deletion_auc", "saliency/deletion_auc"]
     with eval_mode(ctx.model):
         return _analyze(ctx, ctx.model, opts, s)
 
@@ -86,12 +103,12 @@ def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section
     with torch.no_grad():
         pred = model(x).argmax(1)
     methods = method_names(model, opts["methods"])
-    maps = _maps(model, ctx.progress(methods, desc="attribution maps"), x, pred, opts)
+    maps = _maps(model, methods, x, pred, opts, ctx, ctx.seed, desc="attribution maps")
     gen = torch.Generator().manual_seed(ctx.seed)
     random_map = torch.rand(maps[methods[0][0]].shape, generator=gen).to(x.device)
     rows, scores = [], {}
-    for name, m in ctx.progress(list(maps.items()) + [("random (baseline)", random_map)],
-                                desc="deletion/insertion scoring"):
+    every = list(maps.items()) + [("random (baseline)", random_map)]
+    for name, m in ctx.progress(ctx.split(every), desc="deletion/insertion scoring"):
         _, _, d_auc, i_auc = deletion_insertion(model, x, pred, m, steps=opts["curve_steps"],
                                                 batch_size=opts["internal_batch_size"])
         sc = {"deletion_auc": d_auc.mean().item(), "insertion_auc": i_auc.mean().item()}
@@ -99,6 +116,10 @@ def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section
             sc["pointing_game"] = pointing_game(m, masks).mean().item()
             sc["mask_share"] = mask_share(m, masks).mean().item()
         scores[name] = sc
+    if ctx.world_size > 1:  # each rank scored its share of the methods
+        gathered = {k: v for part in ctx.all_gather(scores) for k, v in part.items()}
+        scores = {name: gathered[name] for name, _ in every}
+    for name, sc in scores.items():
         for k, v in sc.items():
             s.metrics[f"{name}/{k}"] = v
         rows.append([name] + [sc[k] for k in sc])
@@ -157,7 +178,7 @@ def _sanity(ctx, model, methods, x, pred, maps, opts, s: Section) -> dict[str, l
     try:
         for i, (_, modules) in enumerate(ctx.progress(steps, desc="cascading randomisation")):
             _reinit(modules, ctx.seed + 1000 + i)
-            new = _maps(twin, fresh_methods, xs, ts, opts)
+            new = _maps(twin, fresh_methods, xs, ts, opts, ctx, ctx.seed + 100 * (i + 1))
             for name in rho:
                 rho[name].append(spearman(new[name].abs(), originals[name].abs()).mean().item())
     finally:

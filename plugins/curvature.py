@@ -77,6 +77,7 @@ def resinspect_analyze(ctx):
     opts = ctx.options()
     s = Section(title="Curvature: the Hessian's spectrum and trace", explanation=EXPLANATION,
                 docs="explainer-landscape")
+    s.key_metrics = ["model/eigenvalue_1", "model/trace"]
     batches = _subset(ctx, opts["samples"])
     blocks = {"model": [b.name for b in ctx.blocks("model")]}
     if ctx.twin is not None:
@@ -98,6 +99,7 @@ def resinspect_analyze(ctx):
             caption=f"On {s.metrics['samples']} training images, BatchNorm in evaluation mode; trace from "
                     f"{opts['probes']} Rademacher probes.")
     names = blocks["model"]
+    s.block_column("Hessian trace", {n: results["model"]["trace"].groups[n][0] for n in names})
     cols = ["block", f"trace: {ctx.model_name}"] + ([f"trace: {ctx.label('twin')}"] if "twin" in results else [])
     rows = [[n, results["model"]["trace"].groups[n][0]]
             + ([results["twin"]["trace"].groups.get(n, (None,))[0]] if "twin" in results else []) for n in names]

@@ -114,6 +114,7 @@ def _weight_view(rec: GradRecorder, params: np.ndarray) -> tuple[list[str], np.n
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Gradient flow", explanation=EXPLANATION, docs="explainer-gradient")
+    s.key_metrics = ["model/first_last_ratio_median", "model/branch_skip_ratio_median"]
     recs = _state(ctx)
     if not recs or not any(r.steps for r in recs.values()):
         s.finding("No training steps were recorded (the model was not trained in this run, e.g. --epochs 0 "
@@ -196,6 +197,8 @@ def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -
     s.table("Gradient through each residual block: skip vs branch (medians over training)",
             ["block", "‖dL/dy‖", "‖skip part‖", "‖branch part‖", "‖dL/dx‖", "branch/skip", "branch/skip at end"],
             rows)
+    if role == "model":
+        s.block_column("branch/skip gradient", dict(zip(rec.block_names, medians)))
     finite = [m for m in medians if np.isfinite(m)]
     if finite:
         overall = statistics.median(finite)

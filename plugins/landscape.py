@@ -82,6 +82,7 @@ def resinspect_analyze(ctx):
     opts = ctx.options()
     s = Section(title="Loss landscape around the trained weights", explanation=EXPLANATION,
                 docs="explainer-landscape")
+    s.key_metrics = ["model/loss_rise_at_1", "model/nonconvexity"]
     batches = _subset(ctx, opts["samples"])
     results = {}
     for role, net in ctx.networks():

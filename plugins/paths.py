@@ -104,6 +104,7 @@ def resinspect_analyze(ctx) -> Section:
     opts = ctx.options()
     s = Section(title="Paths: the gradient decomposed by path length", explanation=EXPLANATION,
                 docs="explainer-paths")
+    s.key_metrics = ["trained/effective_low", "trained/effective_high", "trained/gradient_weighted_length"]
     blocks = ctx.blocks("model")
     if not blocks:
         s.finding(f"{ctx.model_name} has no residual blocks: it has a single path, and nothing to decompose.")

@@ -131,6 +131,7 @@ def resinspect_analyze(ctx):
     opts = ctx.options()
     s = Section(title="Shattered gradients: how fast the input gradient decorrelates", explanation=EXPLANATION,
                 docs="explainer-degradation")
+    s.key_metrics = ["model/trained/decay_length", "model/trained/lag1_correlation"]
     if opts["toy"]:
         toy = _toy(opts["toy_seeds"])
         for kind, t in toy.items():

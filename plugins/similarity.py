@@ -122,7 +122,7 @@ def measure(ctx, images: int, branches: bool) -> Measured:
     nets = _networks(ctx)
     sums, order, skipped = None, None, 0
     with torch.inference_mode():
-        for x, _ in ctx.progress(ctx.test_batches(images), desc="similarity: CKA batches"):
+        for x, _ in ctx.shard(ctx.progress(ctx.test_batches(images), desc="similarity: CKA batches")):
             if len(x) < MIN_BATCH:
                 skipped += len(x)
                 continue
@@ -139,9 +139,13 @@ def measure(ctx, images: int, branches: bool) -> Measured:
                 sums = HSICSums(len(order), device=x.device)
             grams = {(net.role, n): g for net in nets for n, g in net.grams.items()}
             sums.add([grams[k] for k in order])
+    # under torchrun: every rank's HSIC sums and counts added up (labels such as the layer order are kept)
+    inputs = {net.role: dict(net.inputs) for net in nets}
+    got = ctx.all_reduce({"order": order, "sums": sums, "skipped": skipped, "inputs": inputs})
+    order, sums, skipped, inputs = got["order"], got["sums"], got["skipped"], got["inputs"]
     if sums is None:
         raise ValueError(f"no test batch of at least {MIN_BATCH} images to compare layers on")
-    return Measured(order, sums.cka().cpu(), sums, {net.role: dict(net.inputs) for net in nets}, skipped)
+    return Measured(order, sums.cka().cpu(), sums, inputs, skipped)
 
 
 @hookimpl(trylast=True)  # after ablation, whose lesion costs it sets beside its own numbers
@@ -149,6 +153,7 @@ def resinspect_analyze(ctx):
     opts = ctx.options()
     s = Section(title="Representation similarity (CKA) between blocks", explanation=EXPLANATION,
                 docs="explainer-similarity")
+    s.key_metrics = ["median_cka_in_out", "twin_median_cka_in_out", "block_structure_runs"]
     blocks = [name for name, _, _ in _networks(ctx)[0].blocks]
     if len(blocks) < 2:
         s.finding(f"{ctx.model_name} has neither residual blocks nor sequential stages to compare.", "warning")
@@ -168,6 +173,7 @@ def resinspect_analyze(ctx):
         s.metrics[f"block/{name}/cka_in_out"] = v["in_out"]
         if "in_branch" in v:
             s.metrics[f"block/{name}/cka_in_branch"] = v["in_branch"]
+    s.block_column("CKA(input, output)", {n: v["in_out"] for n, v in within.items()}, sign=-1)
     twin_within = _within_twin(inputs.get("twin", {}), index, cka) if "twin" in heat else {}
     for name, v in twin_within.items():
         s.metrics[f"twin/block/{name}/cka_in_out"] = v

@@ -76,6 +76,7 @@ def resinspect_analyze(ctx):
     opts = ctx.options()
     s = Section(title="Weight spectra: heavy-tailed self-regularisation", explanation=EXPLANATION,
                 docs="explainer-spectra")
+    s.key_metrics = ["model/trained/median_alpha"]
     results: dict[tuple[str, str], list[LayerSpectrum]] = {}
     skipped: list[tuple[str, str]] = []
     for role, net in ctx.networks():
@@ -86,6 +87,7 @@ def resinspect_analyze(ctx):
         if opts["at_init"] and init is not None:
             results[(role, "init")], _ = analyse(net, opts["min_evals"], opts["max_evals"], init, opts["precision"])
     _metrics(s, ctx, results)
+    _block_column(s, ctx, results.get(("model", "trained"), []))
     _tables(s, ctx, results, skipped)
     _findings(s, ctx, results)
     _figures(s, ctx, results)
@@ -102,6 +104,17 @@ def _summary(layers: list[LayerSpectrum]) -> dict[str, float]:
             "mean_stable_rank": float(np.mean([sp.stable_rank for sp in layers])) if layers else float("nan"),
             "layers_alpha_above_6": int((alphas > 6).sum()), "layers_alpha_below_2": int((alphas < 2).sum()),
             "layers": len(layers)}
+
+
+def _block_column(s: Section, ctx, layers: list[LayerSpectrum]) -> None:
+    """The dossier's column: the median alpha of each residual block's fitted layers (lower: more structure)."""
+    per = {}
+    for b in ctx.blocks("model"):
+        alphas = [sp.alpha for sp in layers if sp.fit is not None and sp.name.startswith(b.name + ".")]
+        if alphas:
+            per[b.name] = float(np.median(alphas))
+    if per:
+        s.block_column("median alpha", per, sign=-1)
 
 
 def _metrics(s: Section, ctx, results: dict) -> None:

@@ -98,6 +98,7 @@ def _analyse_network(ctx, role: str, model: nn.Module, opts) -> tuple[list[str],
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Weights", explanation=EXPLANATION, docs="explainer-residual")
+    s.key_metrics = ["model/median_relative_change"]
     results: dict[str, Any] = {}
     for role, model in ctx.networks():
         label = ctx.label(role)
@@ -127,8 +128,22 @@ def resinspect_analyze(ctx) -> Section:
                           "info")
     if "twin" in results:
         _compare(s, ctx, results)
+    _block_column(s, ctx, results["model"])
     _figures(s, ctx, results)
     return s
+
+
+def _block_column(s: Section, ctx, result: tuple) -> None:
+    """The dossier's column: the median relative change from initialisation of each block's weights."""
+    names, stats, _ = result
+    per = {}
+    for b in ctx.blocks("model"):
+        changes = [st["relative_change"] for n, st in zip(names, stats)
+                   if n.startswith(b.name + ".") and np.isfinite(st.get("relative_change", float("nan")))]
+        if changes:
+            per[b.name] = float(np.median(changes))
+    if per:
+        s.block_column("weight change", per)
 
 
 def _compare(s: Section, ctx, results) -> None:

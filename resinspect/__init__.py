@@ -27,8 +27,9 @@ from .results import Results  # noqa: E402
 from .runner import RunResult, run  # noqa: E402
 from .section import Figure, Finding, Section, Table, pyplot  # noqa: E402
 from .settings import RunSettings  # noqa: E402
+from .sweep import SweepResult, sweep  # noqa: E402
 
-__all__ = ["run", "compare", "Comparison", "RunResult", "RunSettings", "Results", "hookimpl", "Section", "Finding", "Table", "Figure",
+__all__ = ["run", "sweep", "SweepResult", "compare", "Comparison", "RunResult", "RunSettings", "Results", "hookimpl", "Section", "Finding", "Table", "Figure",
            "pyplot", "RunContext", "StashKey", "DataBundle", "ResinspectError",
            "residual_blocks", "require_blocks", "ResidualBlock", "NoResidualBlocks",
            "bypass", "drop_skip", "forwards_replaced",

@@ -24,12 +24,113 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (ResinspectError, ValueError, TypeError) as e:
+            _record_for_torchrun(str(e))
             raise click.ClickException(str(e)) from e
         except OSError as e:  # an environment problem (a file or folder we cannot use): one line, no traceback
             where = f"{e.filename}: " if e.filename else ""
+            _record_for_torchrun(f"{where}{e.strerror or e}")
             raise click.ClickException(f"{where}{e.strerror or e}") from e
 
     return wrapper
+
+
+def _record_for_torchrun(message: str) -> None:
+    """Under torchrun, leave this rank's error where the elastic agent reads it (``--nproc`` prints it)."""
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not os.path.exists(path):
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            return
+        if os.environ.get(RUN_DIR_FILE_ENV):  # started by `run --nproc`, which prints one line for all ranks
+            raise SystemExit(1)
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _typed_args(click_ctx: click.Context, leave_out: tuple[str, ...]) -> list[str]:
+    """The command line of ``click_ctx``'s command as typed (options given on the command line only)."""
+    from click.core import ParameterSource
+
+    out = [click_ctx.info_name or ""]
+    for param in click_ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in leave_out:
+            continue
+        if click_ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = click_ctx.params[param.name]
+        if param.is_flag:
+            if value:
+                out.append(param.opts[0])
+            elif param.secondary_opts:
+                out.append(param.secondary_opts[0])
+            continue
+        for v in (value if param.multiple else [value]):
+            out += [param.opts[0], str(v)]
+    return out
+
+
+def _launch(nproc: int, args: list[str]) -> int:
+    """Run ``python -m resinspect ARGS`` as ``nproc`` processes under torchrun's elastic agent on this machine;
+    a failed rank is reported in one line. Returns the exit status."""
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    import logging
+    import tempfile
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    with tempfile.TemporaryDirectory(prefix="resinspect-launch-") as tmp:
+        os.environ[RUN_DIR_FILE_ENV] = str(Path(tmp) / "run_dir")  # rank 0 says where its run directory is
+        try:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "resinspect", *args)
+        except ChildFailedError as e:
+            from .distributed import PEER_FAILED
+
+            own = {r: f for r, f in e.failures.items() if not str(f.message).startswith(PEER_FAILED)}
+            first = min((own or e.failures).items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+            cause = f"rank {first[0]} failed: {first[1].message}"
+            click.secho(cause, fg="red", err=True)
+            for rank, failure in sorted(e.failures.items()):
+                if rank != first[0]:
+                    click.secho(f"  (then rank {rank}: {failure.message})", fg="red", err=True)
+            _mark_failed(Path(tmp) / "run_dir", cause)
+            return 1
+        finally:
+            os.environ.pop(RUN_DIR_FILE_ENV, None)
+    return 0
+
+
+RUN_DIR_FILE_ENV = "RESINSPECT_RUN_DIR_FILE"
+
+
+def _mark_failed(pointer: Path, cause: str) -> None:
+    """Record the failing rank's error in rank 0's results.json (which another rank's failure cut short)."""
+    from .rundir import write_atomic
+
+    try:
+        path = Path(pointer.read_text(encoding="utf-8").strip()) / "results.json"
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if d.get("status") in ("running", "failed"):
+        d["status"], d["error"] = "failed", cause
+        write_atomic(path, json.dumps(d, indent=2))
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -110,6 +211,7 @@ def build_cli(rows: Any = None) -> click.Group:
 
     _run_command(group, rows)
     _train_command(group, rows)
+    _sweep_command(group, rows)
     for command in _COMMANDS:
         group.add_command(command)
     return group
@@ -123,21 +225,31 @@ def _run_command(group: click.Group, rows: Any) -> None:
     @_command_options
     @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
                   help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).")
+    @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
+                  help="Run across N processes on this machine (torchrun's launcher: gloo on CPU, one GPU per "
+                       "process with NCCL); the same results as one process. Or start `torchrun "
+                       "--nproc-per-node N -m resinspect run ...` yourself.")
     @click.pass_context
     @_friendly
     def run_cmd(click_ctx: click.Context, options: tuple[str, ...], quiet: bool, overwrite: bool,
-                **kw: Any) -> None:
+                nproc: int | None, **kw: Any) -> None:
         """Train (or load) a model, run the analysis plugins, write the report.
 
         With no arguments: resnet20 on digits, 8 epochs, the default plugins,
         report in reports/<run>/index.html. Exits non-zero if a plugin failed.
         """
+        import os
+
+        if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+            _settings(dict(kw), rows)  # a bad setting is reported once, here, not by every rank
+            click_ctx.exit(_launch(nproc, _typed_args(click_ctx, ("nproc",))))
         from .runner import run
 
         settings = _settings(kw, rows)
         result = run(settings=settings, options=list(options), progress=not quiet and sys.stderr.isatty(),
                      overwrite=overwrite)
-        _print_summary(result)
+        if _rank() == 0:
+            _print_summary(result)
         click_ctx.exit(result.exit_code)
 
 
@@ -166,6 +278,55 @@ def _train_command(group: click.Group, rows: Any) -> None:
         click.echo(f"checkpoint: {result.run_dir / 'model.pt'}")
         if result.status == "failed":
             click.secho(f"training failed: {result.results.error}", fg="red", err=True)
+        click_ctx.exit(result.exit_code)
+
+
+def _sweep_command(group: click.Group, rows: Any) -> None:
+    from .settings import SETTINGS, click_options
+
+    table = rows if rows is not None else SETTINGS
+    shared = [r for r in table if r.name not in ("model", "seed", "out", "checkpoint")]
+
+    @group.command("sweep")
+    @click.option("--models", required=True, metavar="NAME,NAME,...",
+                  help="Comma-separated models, e.g. resnet20,resnet32,resnet56 (or plain20,resnet20,...).")
+    @click.option("--seeds", default="0", show_default=True, metavar="N,N,...", help="Comma-separated seeds.")
+    @click_options("run", shared)
+    @_command_options
+    @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
+                  help="Set a plugin option for every run (repeatable).")
+    @click.option("--out", "-O", "sweep_out", type=click.Path(file_okay=False),
+                  help="The sweep folder (default: <reports-root>/sweep-<models>). Rerunning into it resumes.")
+    @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
+                  help="Runs at once, in separate processes; the CPU threads are divided among them.")
+    @click.pass_context
+    @_friendly
+    def sweep_cmd(click_ctx: click.Context, models: str, seeds: str, options: tuple[str, ...], quiet: bool,
+                  overwrite: bool, sweep_out: str | None, jobs: int, **kw: Any) -> None:
+        """Train and analyse every (model, seed) combination into one sweep folder.
+
+        Each combination is an ordinary run directory (every run option applies to
+        each); the folder also gets sweep.json and index.html: test error against
+        depth for residual and plain networks (mean ± std over seeds, He et al. 2016
+        Fig. 6 / Table 6), training curves per depth, each plugin's key metrics
+        against depth, and whether the plain family degrades. Rerunning the same
+        command skips the complete runs and redoes the rest.
+        """
+        from .sweep import sweep
+
+        settings = _settings(kw, rows)
+        result = sweep([m for m in models.split(",")], [x for x in seeds.split(",") if x.strip()], out=sweep_out,
+                       jobs=jobs, settings=settings, options=list(options), overwrite=overwrite,
+                       progress=not quiet and sys.stderr.isatty() and jobs == 1, echo=click.echo)
+        click.echo("")
+        for f in result.aggregate.get("findings", []):
+            click.echo(f"  [{click.style(f['severity'], fg=_SEV_COLOURS[f['severity']])}] {f['text']}")
+        bad = [r for r in result.runs if r.status != "complete"]
+        for r in bad:
+            click.secho(f"  {r.model} seed {r.seed}: {r.status}{': ' + r.error if r.error else ''}", fg="red",
+                        err=True)
+        click.secho(f"\nsweep {'complete' if not bad else 'finished with problems'}: {result.sweep_dir / 'index.html'}",
+                    fg="green" if not bad else "red", bold=True)
         click_ctx.exit(result.exit_code)
 
 
@@ -224,10 +385,17 @@ def datasets_cmd() -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False), metavar="RUN_DIR")
 @_friendly
 def report_cmd(run_dir: str) -> None:
-    """Re-render RUN_DIR/index.html from its results.json and figures (no recomputation)."""
-    from .rundir import render_run
+    """Re-render RUN_DIR/index.html from its results.json and figures (no recomputation); for a sweep folder,
+    the sweep report from its sweep.json and runs."""
+    from .rundir import render_run, write_atomic
+    from .sweep import SWEEP_FILE, read_sweep, render_sweep
 
-    click.echo(f"wrote {render_run(Path(run_dir))}")
+    path = Path(run_dir)
+    if (path / SWEEP_FILE).is_file():
+        write_atomic(path / "index.html", render_sweep(read_sweep(path), path))
+        click.echo(f"wrote {path / 'index.html'}")
+        return
+    click.echo(f"wrote {render_run(path)}")
 
 
 @click.command("compare")

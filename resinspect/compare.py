@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,12 +44,14 @@ def _same(values: list[Any]) -> bool:
 @dataclass
 class Comparison:
     """Runs side by side. ``metrics`` and ``config`` are rows ``(name, [value per run])``; ``differences``
-    lists the metric rows whose values differ; :meth:`difference` gives run j − run i of one metric."""
+    lists the metric rows whose values differ; :meth:`difference` gives run j − run i of one metric.
+    ``blocks`` holds the per-block dossier's columns: ``{"<plugin>/<column>": {block: [value per run]}}``."""
 
     names: list[str]
     results: list[Results]
     config: list[tuple[str, list[Any]]]
     metrics: list[tuple[str, list[Any]]]
+    blocks: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     @property
     def differences(self) -> list[tuple[str, list[Any]]]:
@@ -76,7 +78,18 @@ def compare(run_dirs: Sequence[str | Path]) -> Comparison:
     config = [(k, v) for k, v in config if not _same(v)]
     flats = [_metrics(r) for r in results]
     mkeys = list(dict.fromkeys(k for f in flats for k in f))
-    return Comparison(names, results, config, [(k, [f.get(k) for f in flats]) for k in mkeys])
+    return Comparison(names, results, config, [(k, [f.get(k) for f in flats]) for k in mkeys], _blocks(results))
+
+
+def _blocks(results: Sequence[Results]) -> dict[str, dict[str, list[Any]]]:
+    from .dossier import columns
+
+    per_run = [{c["key"]: c["values"] for c in columns(r.sections())} for r in results]
+    out: dict[str, dict[str, list[Any]]] = {}
+    for key in dict.fromkeys(k for cols in per_run for k in cols):
+        blocks = list(dict.fromkeys(b for cols in per_run for b in cols.get(key, {})))
+        out[key] = {b: [cols.get(key, {}).get(b) for cols in per_run] for b in blocks}
+    return out
 
 
 def _metrics(r: Results) -> dict[str, Any]:
@@ -151,6 +164,11 @@ table.cmp td, table.cmp th { padding: 2px 8px; }</style></head>
 <table class="cmp"><tr><th>metric</th>{% for n in names %}<th>{{ n }}</th>{% endfor %}{% if names|length == 2 %}<th>difference</th>{% endif %}</tr>
 {% for k, values, differs, delta in metrics %}<tr><th>{{ k }}</th>{% for v in values %}<td{% if differs %} class="differs"{% endif %}>{{ v|cell }}</td>{% endfor %}{% if names|length == 2 %}<td>{{ delta|cell }}</td>{% endif %}</tr>{% endfor %}
 </table>
+{% if blocks %}<h2>Per-block dossier</h2><p>What each plugin measured about each residual block (the runs' per-block
+dossiers), one table per measurement.</p>
+{% for key, rows in blocks.items() %}<h3>{{ key }}</h3><table class="cmp"><tr><th>block</th>{% for n in names %}<th>{{ n }}</th>{% endfor %}</tr>
+{% for b, values in rows.items() %}<tr><th>{{ b }}</th>{% for v in values %}<td>{{ v|cell }}</td>{% endfor %}</tr>{% endfor %}
+</table>{% endfor %}{% endif %}
 {% if findings %}<h2>Findings that differ</h2>
 {% for f in findings %}<h3>{{ f.plugin }}</h3><table class="cmp runs"><tr>{% for n in names %}<th>{{ n }}</th>{% endfor %}</tr><tr>
 {% for texts in f.runs %}<td><ul>{% for t in texts %}<li>{{ t }}</li>{% endfor %}</ul></td>{% endfor %}</tr></table>{% endfor %}{% endif %}
@@ -179,4 +197,4 @@ def render_compare_html(cmp: Comparison) -> str:
         rows.append((k, values, differs, delta))
     return env.from_string(_TEMPLATE).render(
         names=cmp.names, header=header, config=cmp.config, metrics=rows, n_diff=len(cmp.differences),
-        findings=_findings(cmp), figures=_figures(cmp), curves=_curves_png(cmp), css=Markup(css))
+        findings=_findings(cmp), blocks=cmp.blocks, figures=_figures(cmp), curves=_curves_png(cmp), css=Markup(css))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 import sys
-from typing import Any, Generic, Iterable, TypeVar
+from typing import Any, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from .anatomy import ResidualBlock, residual_blocks
 from .data import DataBundle
+from .distributed import SINGLE, Distributed
 from .errors import ResinspectError, UnknownNameError
 from .tensorboard import TensorBoardRuns
 
@@ -82,6 +83,7 @@ class RunContext:
     plugin: str | None = None
     show_progress: bool = False
     sections: dict[str, list[Any]] = field(default_factory=dict)
+    dist: Distributed = SINGLE
     _block_cache: dict[str, list[ResidualBlock]] = field(default_factory=dict, repr=False)
 
     # -- options and names ---------------------------------------------------------------------
@@ -164,6 +166,40 @@ class RunContext:
             if i >= count:
                 break
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # -- many processes (torchrun) -------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True in rank 0, the process that writes the run directory (always True in one process)."""
+        return self.dist.is_main
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        """How many processes run this analysis (1 without torchrun)."""
+        return self.dist.world_size
+
+    def shard(self, items: Iterable[T]) -> Iterator[T]:
+        """This process's share of a stream of batches (``ctx.shard(ctx.test_batches(n))``): batch ``rank``,
+        ``rank + world_size``, … Combine the per-batch sums with :meth:`all_reduce`. One process: all."""
+        return self.dist.shard(items)
+
+    def split(self, items: Sequence[T]) -> list[T]:
+        """This process's share of a list of independent units of work; gather the results with
+        :meth:`all_gather`. One process: all of them."""
+        return self.dist.split(items)
+
+    def all_reduce(self, value: Any, op: str = "sum") -> Any:
+        """``value`` summed (``op="max"``/``"min"``: maximum/minimum) over the processes, on every process:
+        a number, a tensor, or dicts/lists/dataclasses/objects holding them. One process: ``value``."""
+        return self.dist.all_reduce(value, op)
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every process's ``value`` in rank order (``[value]`` in one process)."""
+        return self.dist.all_gather(value)
 
     # -- output --------------------------------------------------------------------------------
     def _tag(self, name: str) -> str:

@@ -121,6 +121,7 @@ class PluginHost:
         self.active: list[str] = []
         self.failures: dict[str, PluginFailure] = {}
         self.timings: dict[str, float] = {}
+        self.fatal = False  # True under torchrun: a plugin error ends the run instead of being recorded
         self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0") if trace is None else trace
         self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
 
@@ -237,6 +238,14 @@ class PluginHost:
             try:
                 result = fn(**{a: kwargs[a] for a in argnames})
             except Exception as e:  # noqa: BLE001 - isolation is the point
+                if self.fatal:  # under torchrun the other ranks may be waiting on this one: end the run
+                    from .distributed import PEER_FAILED, is_peer_failure
+
+                    rank = getattr(ctx, "rank", 0)
+                    if is_peer_failure(e):
+                        raise ResinspectError(f"{PEER_FAILED} while {name} waited for it in {hook}") from e
+                    raise ResinspectError(f"rank {rank}: plugin {name} failed in {hook}: {type(e).__name__}: {e}"
+                                          ) from e
                 self._fail(name, hook, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
             finally:

@@ -75,9 +75,11 @@ class Results:
         return list(self.core_sections) + [s for p in self.plugins.values() for s in p.sections]
 
     def metrics(self) -> dict[str, Any]:
-        """Every section metric, flat: ``"<plugin>/<metric>"`` (core sections under ``train``)."""
+        """Every section metric, flat: ``"<plugin>/<metric>"`` (the training section under ``train``, the per-block
+        dossier under ``dossier``)."""
         out: dict[str, Any] = {}
-        for name, secs in [("train", self.core_sections)] + [(n, p.sections) for n, p in self.plugins.items()]:
+        core = [("train" if s.plugin in ("core", "") else s.plugin, [s]) for s in self.core_sections]
+        for name, secs in core + [(n, p.sections) for n, p in self.plugins.items()]:
             for s in secs:
                 for k, v in s.metrics.items():
                     out.setdefault(f"{name}/{k}", v)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import os
 import importlib.metadata
 import platform
 import time
@@ -26,6 +27,7 @@ from . import __version__
 from .anatomy import block_table
 from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
+from .dossier import dossier_section
 from .errors import CheckpointError, OutputError, ResinspectError, TrainingDiverged
 from .models import build_model, load_checkpoint, save_checkpoint, twin_name
 from .models.registry import plain_twin_of
@@ -78,6 +80,7 @@ class _Networks:
     train_loader: DataLoader
     test_loader: DataLoader
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_sharded: DataLoader | None = None  # under torchrun: this rank's share of the training set
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -133,7 +136,7 @@ def _plugin_tables(s: RunSettings, options: dict[str, dict[str, Any]] | Iterable
 
 
 # -- stage 2: build -----------------------------------------------------------------------------------
-def _build(s: RunSettings, model: Any, data: Any, twin: Any) -> _Networks:
+def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Networks:
     if isinstance(data, DataBundle):
         bundle = data
     elif data is not None and not isinstance(data, str):
@@ -156,10 +159,14 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any) -> _Networks:
     if s.twin and twin_net is None:
         twin_net, twin_label = _build_twin(s, label, arch)
     if isinstance(data, (list, tuple)):
+        if dist.enabled:
+            raise ResinspectError("under torchrun, give run() a dataset name or a DataBundle, not ready loaders "
+                                  "(the training set is split across the ranks)")
         train_loader, test_loader = data
     else:
         train_loader, test_loader = make_loaders(bundle, s.train_config().batch_size, s.seed)
-    return _Networks(bundle, net, label, twin_net, twin_label, train_loader, test_loader, arch)
+    sharded = make_loaders(bundle, s.train_config().batch_size, s.seed, dist=dist)[0] if dist.enabled else None
+    return _Networks(bundle, net, label, twin_net, twin_label, train_loader, test_loader, arch, sharded)
 
 
 def _load_checkpointed(s: RunSettings, bundle: DataBundle, arch: dict[str, Any]) -> tuple[nn.Module, str]:
@@ -197,7 +204,7 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
         plugins: Iterable[str] | None = None, *, twin: bool | nn.Module = False,
         options: dict[str, dict[str, Any]] | Iterable[str] | None = None, config: str | Path | None = None,
         settings: RunSettings | None = None, progress: bool = False, overwrite: bool = False,
-        host: PluginHost | None = None, **values: Any) -> RunResult:
+        host: PluginHost | None = None, data_args: dict[str, Any] | None = None, **values: Any) -> RunResult:
     """Train (or load) a model, run analysis plugins on it, and write a run directory.
 
     Args:
@@ -208,6 +215,7 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
         twin: also train the plain twin (``True``), or a given twin module.
         options: ``{"ablation": {"samples": 100}}`` or ``["ablation.samples=100"]``.
         config: a TOML config file (values given here override it); or ``settings``, ready-made.
+        data_args: the dataset's own arguments (``{"size": 8}``; the ``[data]`` table, ``--data-arg``).
         progress: progress bars on stderr.
         values: any run setting of :data:`resinspect.settings.SETTINGS` by name: ``epochs``, ``out``,
             ``device``, ``seed``, ``checkpoint``, ``batch_size``, ``lr``, …
@@ -216,6 +224,8 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     """
     s = _resolve_settings(model, data, plugins, config, settings,
                           {**values, "twin": True if twin is True or isinstance(twin, nn.Module) else None})
+    if data_args:
+        s.data_args = {**s.data_args, **data_args}
     clock = time.perf_counter()
     tables, pairs = _plugin_tables(s, options)
     host = host or PluginHost()
@@ -223,15 +233,24 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     s.plugins = host.activate(s.plugins)
     plugin_options = host.option_registry().resolve(tables, pairs)
     dev = resolve_device(s.device)
-    nets = _build(s, model, data, twin)
-    run_dir = new_run_dir(s.out, s.reports_root, f"{nets.label}-{nets.bundle.name}", overwrite=overwrite)
+    dist, owned = _distributed(s)
+    if dist.enabled:
+        host.fatal = True
+        progress = progress and dist.is_main
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+    nets = _build(s, model, data, twin, dist)
+    run_dir = _run_dir(s, nets, overwrite, dist)
     config_toml = dump_toml(s.to_toml_dict(plugin_options))
-    write_atomic(run_dir / "config.toml", config_toml)
-    ctx = _context(s, nets, dev, run_dir, plugin_options, host, progress)
+    if dist.is_main:
+        write_atomic(run_dir / "config.toml", config_toml)
+    ctx = _context(s, nets, dev, run_dir, plugin_options, host, progress, dist)
     results = _initial_results(s, nets, ctx, plugin_options)
-    results.write(run_dir, figures=False)
+    if dist.is_main:
+        results.write(run_dir, figures=False)
     phase = "train"
     heap = _FrozenHeap()
+    stop = _TerminatedRaises() if dist.enabled else None
     try:
         history, error = _train(s, nets, ctx, host, progress)
         phase = "analyze"
@@ -239,16 +258,84 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
         phase = "write"
         return _write(s, nets, ctx, host, results, history, sections, error, config_toml, clock)
     except KeyboardInterrupt:
-        _stopped(results, run_dir, "interrupted", phase, "interrupted by the user (Ctrl-C)")
+        if dist.is_main:
+            _stopped(results, run_dir, "interrupted", phase, "interrupted by the user (Ctrl-C)")
         raise
     except Exception as e:  # e.g. an output that cannot be written: results.json must not say "running"
-        _stopped(results, run_dir, "failed", phase,
-                 str(e) if isinstance(e, ResinspectError) else f"{type(e).__name__}: {e}")
+        if dist.is_main:
+            _stopped(results, run_dir, "failed", phase,
+                     str(e) if isinstance(e, ResinspectError) else f"{type(e).__name__}: {e}")
         raise
     finally:
         host.call("resinspect_unconfigure", ctx=ctx, include_failed=True)
         ctx.tensorboard.close()
         heap.close()
+        if stop is not None:
+            stop.close()
+        if owned:
+            from .distributed import shutdown
+
+            shutdown()
+
+
+def _distributed(s: RunSettings):
+    """The process group when torchrun started this process (``(dist, True)`` when this run initialised it);
+    ``(SINGLE, False)`` otherwise: a single-process run never touches torch.distributed."""
+
+    from .distributed import SINGLE, from_environment
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return SINGLE, False
+    import torch.distributed as tdist
+
+    already = tdist.is_available() and tdist.is_initialized()
+    return from_environment(s.device), not already
+
+
+def _run_dir(s: RunSettings, nets: _Networks, overwrite: bool, dist: Any) -> Path:
+    """The run directory: made by rank 0 and told to the others (which never write into it)."""
+    made: tuple[str | None, str | None] = (None, None)
+    if dist.is_main:
+        try:
+            made = (str(new_run_dir(s.out, s.reports_root, f"{nets.label}-{nets.bundle.name}", overwrite=overwrite)),
+                    None)
+        except ResinspectError as e:
+            if not dist.enabled:
+                raise
+            made = (None, str(e))
+    if dist.enabled:
+        made = dist.all_gather(made)[0]
+    if made[1] is not None:
+        raise ResinspectError(made[1])
+    pointer = os.environ.get("RESINSPECT_RUN_DIR_FILE")  # set by `resinspect run --nproc`
+    if pointer and dist.is_main:
+        Path(pointer).write_text(made[0], encoding="utf-8")
+    return Path(made[0])
+
+
+class _TerminatedRaises:
+    """Under torchrun, the agent ends the other ranks with SIGTERM when one fails: turn it into an error, so
+    that rank 0 records in results.json that the run failed instead of leaving it "running"."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        from .distributed import PEER_FAILED
+
+        raise ResinspectError(f"{PEER_FAILED} (its error is printed above)")
+
+    def close(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class _FrozenHeap:
@@ -266,15 +353,16 @@ class _FrozenHeap:
 
 
 def _context(s: RunSettings, nets: _Networks, dev: torch.device, run_dir: Path, plugin_options: dict[str, Any],
-             host: PluginHost, progress: bool) -> RunContext:
+             host: PluginHost, progress: bool, dist: Any) -> RunContext:
     nets.net.to(dev)
     if nets.twin is not None:
         nets.twin.to(dev)
     active = {n: plugin_options.get(n, {}) for n in s.plugins}
     ctx = RunContext(model=nets.net, model_name=nets.label, data=nets.bundle, train_loader=nets.train_loader,
                      test_loader=nets.test_loader, device=dev, run_dir=run_dir,
-                     tensorboard=TensorBoardRuns(run_dir / "tb"), twin=nets.twin, twin_name=nets.twin_label,
-                     seed=s.seed, config=s.to_dict(), plugin_options=active, show_progress=progress)
+                     tensorboard=TensorBoardRuns(run_dir / "tb" if dist.is_main else None), twin=nets.twin,
+                     twin_name=nets.twin_label, seed=s.seed, config=s.to_dict(), plugin_options=active,
+                     show_progress=progress, dist=dist)
     ctx.record_initial_state()
     return ctx
 
@@ -286,7 +374,8 @@ def _initial_results(s: RunSettings, nets: _Networks, ctx: RunContext, plugin_op
     return Results(
         run=RunInfo(name=ctx.run_dir.name, dir=str(ctx.run_dir), started=dt.datetime.now().isoformat(timespec="seconds"),
                     phase="train"),
-        config={**ctx.config, "plugin_options": plugin_options}, environment=_environment(ctx.device),
+        config={**ctx.config, "plugin_options": plugin_options},
+        environment={**_environment(ctx.device), "world_size": ctx.world_size, "backend": ctx.dist.backend},
         model={"name": nets.label, "parameters": sum(p.numel() for p in nets.net.parameters()),
                "residual_blocks": block_table(ctx.blocks("model")), "checkpoint": s.checkpoint, "twin": twin},
         data=nets.bundle.describe(), resinspect_version=__version__)
@@ -316,10 +405,13 @@ def _train(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, p
             def save(module: nn.Module, metrics: dict[str, float], ckpt: Path = ckpt, label: str = label) -> None:
                 _save_checkpoint(ckpt, module, label, nets, metrics)
 
+            main = ctx.is_main  # training-time plugins see the averaged gradients and record on rank 0 only
             try:
-                history[role] = train_model(m, nets.train_loader, nets.test_loader, s.train_config(), ctx.device,
-                                            role=role, hooks=host, ctx=ctx, writer=ctx.tensorboard.writer(role),
-                                            progress=progress, on_epoch_end=save)
+                history[role] = train_model(m, nets.train_sharded or nets.train_loader, nets.test_loader,
+                                            s.train_config(), ctx.device,
+                                            role=role, hooks=host if main else None, ctx=ctx,
+                                            writer=ctx.tensorboard.writer(role) if main else None,
+                                            progress=progress, on_epoch_end=save if main else None, dist=ctx.dist)
             except TrainingDiverged as e:
                 if e.history is not None:
                     history[role] = e.history
@@ -341,9 +433,16 @@ def _write(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, r
            history: dict[str, History], sections: dict[str, list[Section]], error: str | None,
            config_toml: str, clock: float) -> RunResult:
     run_dir = ctx.run_dir
+    if not ctx.is_main:  # only rank 0 writes; the others end here
+        results.status = "failed" if error else ("plugins_failed" if host.failures else "complete")
+        return RunResult(run_dir, results, sections, nets.net, nets.twin)
     if s.epochs <= 0 or not (run_dir / "model.pt").exists():
         _save_checkpoint(run_dir / "model.pt", nets.net, nets.label, nets, {})
     results.core_sections = [_training_section(ctx, history)] if history else []
+    dossier = dossier_section(results.model.get("residual_blocks", []),
+                              [x for secs in sections.values() for x in secs])
+    if dossier is not None:
+        results.core_sections.append(dossier)
     ctx.tensorboard.sections(results.core_sections + [x for secs in sections.values() for x in secs])
     ctx.tensorboard.close()
     results.training = {role: h.to_dict() for role, h in history.items()}

@@ -99,6 +99,13 @@ class Section:
         role: the network the section is about when it is about one (``"model"`` or ``"twin"``): its metrics
             go to that network's TensorBoard run. None: the model's run; metric names starting with
             ``model/`` or ``twin/`` go to that network's run either way.
+        per_block: columns of the run's per-block dossier, ``column -> {block name -> number}`` (block names
+            as in ``ctx.blocks()``), about the model's residual blocks; set with :meth:`block_column`. The
+            dossier puts every plugin's columns in one table, a row per block, with their rank correlations.
+        block_sign: per column, +1 (the default) when a larger value means the block matters more, -1 when it
+            means it matters less (CKA between a block's input and output, for example).
+        key_metrics: the names (keys of ``metrics``) of the few numbers that summarise the section; a sweep
+            plots them against depth.
         plugin, status, error, traceback: filled in by the host.
     """
 
@@ -110,6 +117,9 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     docs: str | None = None
     role: str | None = None
+    per_block: dict[str, dict[str, float]] = field(default_factory=dict)
+    block_sign: dict[str, int] = field(default_factory=dict)
+    key_metrics: list[str] = field(default_factory=list)
     plugin: str = ""
     status: str = "ok"
     error: str | None = None
@@ -126,6 +136,15 @@ class Section:
         """Add a matplotlib figure as a PNG; the figure is closed afterwards."""
         self.figures.append(Figure.from_matplotlib(fig, title, caption, alt))
 
+    def block_column(self, name: str, values: dict[str, float], sign: int = 1) -> None:
+        """Add a column to the per-block dossier: ``values`` maps block names to numbers (blocks without a
+        value are left blank); ``sign`` -1 when a larger value means the block matters less."""
+        if sign not in (1, -1):
+            raise ValueError(f"block column '{name}': sign must be 1 or -1, not {sign!r}")
+        self.per_block[name] = {str(b): float(v) for b, v in values.items() if v is not None}
+        if sign != 1:
+            self.block_sign[name] = sign
+
     def to_dict(self, figure_files: list[str]) -> dict[str, Any]:
         return {
             "title": self.title, "plugin": self.plugin, "status": self.status, "explanation": self.explanation,
@@ -135,6 +154,8 @@ class Section:
                         "caption": t.caption, "fold": t.fold} for t in self.tables],
             "figures": [{"title": f.title, "caption": f.caption, "alt": f.alt, "file": path}
                         for f, path in zip(self.figures, figure_files)],
+            "per_block": {c: {b: _jsonable(v) for b, v in col.items()} for c, col in self.per_block.items()},
+            "block_sign": dict(self.block_sign), "key_metrics": list(self.key_metrics),
             "error": self.error, "traceback": self.traceback,
         }
 
@@ -149,6 +170,9 @@ class Section:
                     for t in d.get("tables", [])],
             figures=[Figure(f["title"], load_png(f["file"]), f.get("caption", ""), f.get("alt", ""))
                      for f in d.get("figures", [])],
+            per_block={c: dict(col) for c, col in d.get("per_block", {}).items()},
+            block_sign={c: int(v) for c, v in d.get("block_sign", {}).items()},
+            key_metrics=list(d.get("key_metrics", [])),
             error=d.get("error"), traceback=d.get("traceback"))
 
 

@@ -179,7 +179,7 @@ def check_contract(plugin: str, models: tuple[str, ...] = CONTRACT_MODELS,
             _require(not left and not first.model.training, f"{plugin} on {model}: left on the model: {left}"
                      f"{' (and the model in train mode)' if first.model.training else ''}")
             tags = _tensorboard_tags(Path(tmp) / "a" / "tb")
-            stray = sorted(t for t in tags if t.split("/")[0] not in (plugin, "train"))
+            stray = sorted(t for t in tags if t.split("/")[0] not in (plugin, "train", "dossier"))
             _require(not stray, f"{plugin} on {model}: TensorBoard tags outside '{plugin}/': {stray[:5]}")
     with tempfile.TemporaryDirectory(prefix="resinspect-contract-") as tmp:
         twin = _contract_run(plugin, models[0], data, Path(tmp) / "t", options, twin=True)

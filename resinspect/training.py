@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .distributed import SINGLE, Distributed
 from .errors import TrainingDiverged
 from .probes import eval_mode
 
@@ -120,18 +121,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over ``loader``, accumulated as sums. Mode is restored."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed = SINGLE
+             ) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over ``loader``, accumulated as sums (under torchrun each rank takes
+    its share of the batches and the sums are added up). Mode is restored."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
     with eval_mode(model):
-        for x, y in loader:
+        for x, y in dist.shard(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
+    if dist.enabled:
+        total = dist.all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device,
+                                                                                     dtype=torch.float64)]))
+        loss_sum, correct, count = total[0], total[1].long(), int(total[2].item())
     if count == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
     return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
@@ -180,7 +187,7 @@ class _Progress:
 def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
                 device: torch.device, *, role: str = "model", hooks: HookCaller | None = None,
                 ctx: Any = None, writer: Any = None, progress: bool = False,
-                on_epoch_end: Any = None) -> History:
+                on_epoch_end: Any = None, dist: Distributed = SINGLE) -> History:
     """Train ``model`` in place and return its :class:`History`.
 
     The data order comes from ``train_loader``'s generator, which is reseeded
@@ -189,9 +196,15 @@ def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoa
     after every good epoch (the CLI saves the checkpoint there). A NaN or
     infinite loss raises :class:`TrainingDiverged` after restoring the weights
     of the last good epoch.
+
+    Under torchrun (``dist`` enabled) the model is wrapped in DistributedDataParallel for the steps: each
+    rank trains on its share of every batch (``train_loader`` has a DistributedSampler and the per-rank batch
+    size), gradients are averaged across ranks, losses and accuracies are the global ones, and before every
+    evaluation the ranks' BatchNorm running statistics are averaged.
     """
     cfg.validate()
-    loop = _Loop(model, train_loader, test_loader, cfg, device, role, hooks, ctx, writer, progress, on_epoch_end)
+    loop = _Loop(model, train_loader, test_loader, cfg, device, role, hooks, ctx, writer, progress, on_epoch_end,
+                 dist)
     try:
         loop.call("resinspect_train_start", trainee=loop.trainee)
         for epoch in range(cfg.epochs):
@@ -216,12 +229,20 @@ class _Loop:
 
     def __init__(self, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
                  device: torch.device, role: str, hooks: HookCaller | None, ctx: Any, writer: Any,
-                 progress: bool, on_epoch_end: Any):
+                 progress: bool, on_epoch_end: Any, dist: Distributed = SINGLE):
         generator = getattr(train_loader, "generator", None)
         if generator is not None:
             generator.manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model, self.train_loader, self.test_loader = model.to(device), train_loader, test_loader
+        self.dist = dist
+        self.forward = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # each rank keeps its own BatchNorm running statistics; they are averaged at the end of each epoch
+            self.forward = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
         self.cfg, self.device, self.role, self.hooks, self.ctx = cfg, device, role, hooks, ctx
         self.writer, self.on_epoch_end = writer, on_epoch_end
         self.optimizer = _optimizer(model, cfg)
@@ -242,6 +263,9 @@ class _Loop:
 
     def epoch(self, epoch: int) -> None:
         model, device = self.model, self.device
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -254,7 +278,12 @@ class _Loop:
             seen += len(y)
         if self.scheduler is not None and not self.per_step_schedule:
             self.scheduler.step()
-        test = evaluate(model, self.test_loader, device)
+        if self.dist.enabled:
+            total = self.dist.all_reduce(torch.stack([loss_sum, correct.double(),
+                                                      torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+            loss_sum, correct, seen = total[0], total[1].long(), int(total[2].item())
+            self.dist.average_buffers(model)
+        test = evaluate(model, self.test_loader, device, self.dist)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
                    "train_accuracy": correct.item() / max(1, seen), "test_loss": test["loss"],
                    "test_accuracy": test["accuracy"], "lr": self.optimizer.param_groups[0]["lr"],
@@ -271,10 +300,13 @@ class _Loop:
 
     def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
+        logits = self.forward(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        loss_value = loss.item()
+        # under torchrun: the mean over the whole (global) batch, the same on every rank, so that every rank
+        # stops together if it is not finite
+        loss_value = (self.dist.all_reduce(loss.detach()) / self.dist.world_size).item() if self.dist.enabled \
+            else loss.item()
         if not math.isfinite(loss_value):
             self.model.load_state_dict(self.last_good)
             good = f"the weights of epoch {epoch}, the last good one" if epoch else "its initial weights"

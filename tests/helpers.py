@@ -39,3 +39,42 @@ def plain_net(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
 
 from resinspect.testing import hook_count, overridden_forwards  # noqa: E402,F401
+
+
+def chromium():
+    """The path of Debian's chromium for the browser tests (a failure in CI, where .ci/run installs it)."""
+    import os
+
+    import pytest
+
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if os.path.exists(path):
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed; .ci/run installs it")
+    pytest.skip("chromium not installed (apt-get install chromium)")
+
+
+def open_in_browser(page_path, check):
+    """Open ``page_path`` in headless chromium; assert no console or page errors and that every image
+    decodes; then call ``check(page)``. Returns the number of images."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_path.as_uri())
+            page.wait_for_load_state("load")
+            assert errors == []
+            images = page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
+            assert images and all(images), images
+            check(page)
+            return len(images)
+        finally:
+            browser.close()

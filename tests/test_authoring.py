@@ -60,6 +60,10 @@ def test_docs_example_plugin_works(tmp_path):
                             out=tmp_path / "r")
     section = result.section("blockgain")
     assert len(section.tables[0].rows) == 9 and section.findings
+    # a third-party plugin's per-block metric joins the run's per-block dossier
+    dossier = next(s for s in result.results.core_sections if s.plugin == "dossier")
+    assert dossier.tables[0].columns == ["block", "stage", "gain (blockgain)"]
+    assert [r[2] for r in dossier.tables[0].rows] == [section.metrics[r[0]] for r in dossier.tables[0].rows]
 
 
 def _pip_install_target(package: Path, target: Path) -> None:

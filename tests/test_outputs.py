@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import resinspect
+from helpers import chromium
 from inline_plugins import Counter, Crasher
 from resinspect.plugins import PluginHost, discover_entry_points
 from resinspect.rundir import render_run
@@ -86,7 +87,7 @@ def test_tensorboard_events_read_back(run_dir):
     assert model.Scalars("train/test_accuracy")[-1].value == pytest.approx(
         results["training"]["model"]["epochs"][-1]["test_accuracy"])
     # every tag is <plugin-or-core>/<name>
-    plugins = set(results["plugins"]) | {"train"}
+    plugins = set(results["plugins"]) | {"train", "dossier"}
     for acc in (model, twin):
         assert all(tag.split("/")[0] in plugins for tag in set(acc.Tags()["scalars"]) | set(acc.Tags()["images"]))
     assert any(t.startswith("ablation/figure/") for t in model.Tags()["images"])
@@ -111,20 +112,13 @@ def test_report_is_self_contained(run_dir):
     assert 'content="plugins_failed"' in html and "Report complete." in html
 
 
-def _chromium():
-    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
-        if os.path.exists(path):
-            return path
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed; .ci/run installs it")
-    pytest.skip("chromium not installed (apt-get install chromium)")
 
 
 @pytest.mark.browser
 def test_report_in_a_real_browser(run_dir):
     from playwright.sync_api import sync_playwright
 
-    exe = _chromium()
+    exe = chromium()
     results = json.loads((run_dir / "results.json").read_text())
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=[
@@ -144,7 +138,7 @@ def test_report_in_a_real_browser(run_dir):
             n_figures += sum(len(s["figures"]) for s in results["core_sections"])
             assert len(images) == n_figures > 3 and all(i["ok"] for i in images), images
             plugins_shown = set(page.eval_on_selector_all("section.plugin", "els => els.map(e => e.dataset.plugin)"))
-            assert plugins_shown == set(results["plugins"]) | {"core"}
+            assert plugins_shown == set(results["plugins"]) | {"core", "dossier"}
             assert page.inner_text("#run-status") == "complete, with failed plugins"
             assert "crasher exploded" in page.inner_text("#failures")
             summary_items = page.eval_on_selector_all("#summary-list li", "els => els.length")

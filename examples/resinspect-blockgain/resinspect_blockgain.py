@@ -44,14 +44,17 @@ def resinspect_analyze(ctx):
         return section
     sums = {b.name: 0.0 for b in blocks}
     count = 0
-    # capture_batches: eval mode, no gradients, the blocks' inputs and outputs per batch, hooks removed after
-    for x, _, _, seen in capture_batches(ctx.model, blocks, ctx.test_batches(opts["samples"])):
+    # capture_batches: eval mode, no gradients, the blocks' inputs and outputs per batch, hooks removed after;
+    # ctx.shard: under torchrun each process takes its share of the batches (in one process: all of them)
+    for x, _, _, seen in capture_batches(ctx.model, blocks, ctx.shard(ctx.test_batches(opts["samples"]))):
         for name in sums:
             gain = seen.outputs[name].flatten(1).norm(dim=1) / seen.inputs[name].flatten(1).norm(dim=1).clamp_min(1e-12)
             sums[name] += gain.sum().item()
         count += len(x)
+    sums, count = ctx.all_reduce((sums, count))  # every process's sums added up (one process: unchanged)
     for name, total in sums.items():
         section.metrics[name] = total / count
+    section.block_column("gain", section.metrics)  # a column of the run's per-block dossier
     section.table("Gain per block", ["block", "gain"], [[n, v] for n, v in section.metrics.items()])
     top = max(section.metrics, key=section.metrics.get)
     section.finding(f"{top} amplifies its input most (×{section.metrics[top]:.2f}).")

@@ -65,7 +65,7 @@ def _torchvision(arch: str) -> Callable[..., nn.Module]:
 
 
 MODELS: dict[str, ModelSpec] = {}
-for _n, _depth in ((3, 20), (5, 32), (7, 44), (9, 56), (18, 110)):
+for _n, _depth in ((1, 8), (2, 14), (3, 20), (5, 32), (7, 44), (9, 56), (18, 110)):
     MODELS[f"resnet{_depth}"] = ModelSpec(
         f"resnet{_depth}", f"CIFAR ResNet-{_depth} (He et al. 2016 §4.2), {3 * _n} residual blocks",
         _cifar(_n, True), twin=f"plain{_depth}")
