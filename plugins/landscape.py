@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from resinspect import Section, eval_mode, hookimpl, pyplot
-from resinspect_plugins._landscape import Surface, filter_normalised_direction, grid, nonconvexity, rise
+from resinspect_plugins._landscape import Evaluation, Surface, filter_normalised_direction, grid, nonconvexity, rise
 
 NAME = "landscape"
 RADII = (0.25, 0.5, 1.0)
@@ -57,8 +57,23 @@ def _subset(ctx, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def measure(net: torch.nn.Module, batches, opts: dict, seed: int) -> dict:
-    """The 2-D surface and the 1-D curve of one network."""
+def _evaluate(surface: Surface, coords: torch.Tensor, ctx) -> Evaluation:
+    """Every point of ``coords``; under torchrun each rank evaluates its share of the points (each point's
+    numbers are those of one process) and the values are gathered."""
+    if ctx is None or ctx.world_size == 1:
+        return surface.evaluate(coords)
+    mine = ctx.split(list(range(len(coords))))
+    ev = surface.evaluate(coords[mine]) if mine else Evaluation(torch.zeros(0, dtype=torch.float64),
+                                                                torch.zeros(0, dtype=torch.float64))
+    loss, acc = torch.empty(len(coords), dtype=torch.float64), torch.empty(len(coords), dtype=torch.float64)
+    for idx, part_loss, part_acc in ctx.all_gather((mine, ev.loss.cpu(), ev.accuracy.cpu())):
+        if idx:
+            loss[idx], acc[idx] = part_loss, part_acc
+    return Evaluation(loss, acc)
+
+
+def measure(net: torch.nn.Module, batches, opts: dict, seed: int, ctx=None) -> dict:
+    """The 2-D surface and the 1-D curve of one network (``ctx``: split the points across torchrun's ranks)."""
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in net.parameters()]
     d1 = filter_normalised_direction(params, gen)
@@ -67,8 +82,8 @@ def measure(net: torch.nn.Module, batches, opts: dict, seed: int) -> dict:
     line = grid(opts["resolution_1d"], opts["span"])
     with eval_mode(net):
         surface = Surface(net, batches, [d1, d2], chunk=opts["chunk"])
-        ev2 = surface.evaluate(torch.cartesian_prod(xs, xs))
-        ev1 = Surface(net, batches, [d1], chunk=opts["chunk"]).evaluate(line[:, None])
+        ev2 = _evaluate(surface, torch.cartesian_prod(xs, xs), ctx)
+        ev1 = _evaluate(Surface(net, batches, [d1], chunk=opts["chunk"]), line[:, None], ctx)
     n = len(xs)
     loss2 = ev2.loss.view(n, n)
     return {"xs": xs, "loss": loss2, "accuracy": ev2.accuracy.view(n, n), "line": line, "curve": ev1.loss,
@@ -86,7 +101,7 @@ def resinspect_analyze(ctx):
     batches = _subset(ctx, opts["samples"])
     results = {}
     for role, net in ctx.networks():
-        results[role] = measure(net, batches, opts, ctx.seed)
+        results[role] = measure(net, batches, opts, ctx.seed, ctx)
     for role, r in results.items():
         s.metrics[f"{role}/nonconvexity"] = r["nonconvexity"]
         s.metrics[f"{role}/loss_at_centre"] = r["centre"]

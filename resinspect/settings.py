@@ -116,6 +116,8 @@ SETTINGS: list[Setting] = [
             table="train", check=_at_least(1)),
     Setting("gamma", float, _TRAIN_DEFAULTS["gamma"], "Decay factor of the step schedule.", table="train",
             check=_at_least(0, strict=True)),
+    Setting("sync_bn", bool, _TRAIN_DEFAULTS["sync_bn"], "Under torchrun, normalise each BatchNorm over the whole "
+            "global batch (SyncBatchNorm, CUDA only) instead of each process's share.", table="train"),
 ]
 _RESERVED_TABLES = {"run", "train", "data"}
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .anatomy import residual_blocks
 from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
 from .models import build_model
@@ -175,6 +176,12 @@ def check_contract(plugin: str, models: tuple[str, ...] = CONTRACT_MODELS,
                      f"{plugin} on {model}: every section needs an explanation")
             _require(_comparable(first, plugin) == _comparable(second, plugin),
                      f"{plugin} on {model}: two runs with the same seed differ")
+            names = {b.name for b in residual_blocks(first.model)}
+            for sec in sections:
+                for column, values in sec.per_block.items():
+                    unknown = sorted(set(values) - names)
+                    _require(not unknown, f"{plugin} on {model}: per-block column '{column}' names blocks the model "
+                                          f"does not have: {unknown[:3]}")
             left = hooks_left(first.model)
             _require(not left and not first.model.training, f"{plugin} on {model}: left on the model: {left}"
                      f"{' (and the model in train mode)' if first.model.training else ''}")

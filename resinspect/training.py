@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distributed import SINGLE, Distributed
-from .errors import TrainingDiverged
+from .errors import ResinspectError, TrainingDiverged
 from .probes import eval_mode
 
 __all__ = ["TrainConfig", "Trainee", "StepInfo", "EpochInfo", "History", "train_model", "evaluate",
@@ -42,6 +42,7 @@ class TrainConfig:
     schedule: str = "cosine"
     step_size: int = 3
     gamma: float = 0.1
+    sync_bn: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -212,9 +213,27 @@ def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoa
         loop.call("resinspect_train_end", trainee=loop.trainee)
     finally:
         loop.bar.close()
+        if loop.restore_bn is not None:
+            loop.restore_bn()
     loop.history.seconds = time.perf_counter() - loop.start
     model.eval()
     return loop.history
+
+
+def sync_batchnorm(model: nn.Module) -> Any:
+    """Replace every BatchNorm module of ``model`` in place by a SyncBatchNorm that shares its parameters and
+    statistics tensors; returns the function that puts the original modules back (the analyses then see the
+    model as it was built, with the trained values)."""
+    originals = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                 if isinstance(child, nn.modules.batchnorm._BatchNorm)]
+    for parent, name, child in originals:
+        setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+    def restore() -> None:
+        for parent, name, child in originals:
+            setattr(parent, name, child)
+
+    return restore
 
 
 def _copy_state(into: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -237,9 +256,15 @@ class _Loop:
         self.model, self.train_loader, self.test_loader = model.to(device), train_loader, test_loader
         self.dist = dist
         self.forward = model
+        self.restore_bn = None
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
+            if cfg.sync_bn:
+                if device.type != "cuda":
+                    raise ResinspectError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); on CPU "
+                                          "each process normalises with its own share of the batch")
+                self.restore_bn = sync_batchnorm(model)
             # each rank keeps its own BatchNorm running statistics; they are averaged at the end of each epoch
             self.forward = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

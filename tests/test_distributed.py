@@ -72,9 +72,10 @@ def _numbers(results: Results) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
-    plugins = f"summary,ablation,activations,similarity,attribution,spectra,{BLOCKGAIN}"
+    plugins = f"summary,ablation,activations,similarity,attribution,spectra,landscape,{BLOCKGAIN}"
     common = ["run", "--checkpoint", str(checkpoint), "--epochs", "0", "--twin", "--plugins", plugins, *DATA, "-q",
-              "-o", "attribution.images=32", "-o", "attribution.sanity_images=8"]
+              "-o", "attribution.images=32", "-o", "attribution.sanity_images=8", "-o", "landscape.resolution=5",
+              "-o", "landscape.resolution_1d=7", "-o", "landscape.samples=64"]
     one, _ = _cli(common + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     assert not torch.distributed.is_initialized()  # (and the 1-process run above never imported a group)
@@ -146,3 +147,31 @@ def test_batch_size_must_divide_among_processes(checkpoint, tmp_path):
                     "--batch-size", "63", "--out", str(tmp_path / "run"), "--nproc", "2"], timeout=180)
     assert proc.returncode == 1 and "--batch-size 63 is not divisible by the 2 processes" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plain_torchrun_runs_the_same_command_line(checkpoint, tmp_path):
+    """`torchrun --nproc-per-node 2 -m resinspect run ...`, started by hand; each rank says its own error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "resinspect",
+           "run", "--checkpoint", str(checkpoint), "--epochs", "0", "--plugins", "summary", *DATA, "-q"]
+    ok = subprocess.run(cmd + ["--out", str(tmp_path / "ok")], capture_output=True, text=True, timeout=180,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ok.returncode == 0, ok.stderr
+    r = Results.read(tmp_path / "ok")
+    assert r.status == "complete" and r.environment["world_size"] == 2 and ok.stdout.count("run complete") == 1
+    bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--sync-bn", "--epochs", "1"], capture_output=True,
+                         text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode != 0 and "--sync-bn needs CUDA" in bad.stderr
+
+
+def test_sync_batchnorm_shares_the_tensors_and_gives_the_modules_back():
+    from resinspect.training import sync_batchnorm
+
+    model = resinspect.build_model("resnet8", in_channels=1)
+    modules = dict(model.named_modules())
+    tensors = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    restore = sync_batchnorm(model)
+    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(synced) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in modules.values()) > 0
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors  # same parameters and statistics
+    restore()
+    assert dict(model.named_modules()) == modules
