@@ -69,13 +69,25 @@ def _images(ctx, n: int):
     return x, y, masks
 
 
+def _cost(key: str, opts, x: torch.Tensor) -> float:
+    """About how many forward-backward passes per image a method makes (to balance the ranks' shares)."""
+    if key in ("integrated_gradients", "gradient_shap"):
+        return opts["ig_steps"]
+    if key == "smoothgrad":
+        return opts["smoothgrad_samples"]
+    if key == "occlusion":
+        w = max(2, opts["occlusion_window"] or x.shape[-1] // 4)
+        return 0.5 * ((x.shape[-1] - w) // max(1, w // 2) + 1) * ((x.shape[-2] - w) // max(1, w // 2) + 1)
+    return 1.0
+
+
 def _maps(model, methods, x, target, opts, ctx=None, seed: int = 0, desc: str | None = None
           ) -> dict[str, torch.Tensor]:
     """Every method's maps, each drawn with its own random stream (``seed`` + its index: the same numbers
     whichever process computes it). Under torchrun (``ctx``) the methods are split across the ranks and the
     maps gathered."""
     indexed = list(enumerate(methods))
-    mine = ctx.split(indexed) if ctx is not None else indexed
+    mine = ctx.split(indexed, cost=lambda item: _cost(item[1][1], opts, x)) if ctx is not None else indexed
     if ctx is not None and desc:
         mine = ctx.progress(mine, desc=desc)
     out = {}

@@ -122,7 +122,7 @@ def measure(ctx, images: int, branches: bool) -> Measured:
     nets = _networks(ctx)
     sums, order, skipped = None, None, 0
     with torch.inference_mode():
-        for x, _ in ctx.shard(ctx.progress(ctx.test_batches(images), desc="similarity: CKA batches")):
+        for x, _ in ctx.shard(ctx.progress(ctx.test_batches(images), desc="similarity: CKA batches"), whole=True):
             if len(x) < MIN_BATCH:
                 skipped += len(x)
                 continue

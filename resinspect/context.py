@@ -182,15 +182,16 @@ class RunContext:
         """How many processes run this analysis (1 without torchrun)."""
         return self.dist.world_size
 
-    def shard(self, items: Iterable[T]) -> Iterator[T]:
-        """This process's share of a stream of batches (``ctx.shard(ctx.test_batches(n))``): batch ``rank``,
-        ``rank + world_size``, … Combine the per-batch sums with :meth:`all_reduce`. One process: all."""
-        return self.dist.shard(items)
+    def shard(self, batches: Iterable[T], whole: bool = False) -> Iterator[T]:
+        """This process's share of a stream of batches (``ctx.shard(ctx.test_batches(n))``): its part of every
+        batch (``whole=True``: every ``world_size``-th whole batch, for per-batch statistics). Combine the
+        sums with :meth:`all_reduce`. One process: the batches as they are."""
+        return self.dist.shard(batches, whole)
 
-    def split(self, items: Sequence[T]) -> list[T]:
-        """This process's share of a list of independent units of work; gather the results with
-        :meth:`all_gather`. One process: all of them."""
-        return self.dist.split(items)
+    def split(self, items: Sequence[T], cost: Any = None) -> list[T]:
+        """This process's share of a list of independent units of work (``cost``: a function of an item that
+        balances the processes' totals); gather the results with :meth:`all_gather`. One process: all."""
+        return self.dist.split(items, cost)
 
     def all_reduce(self, value: Any, op: str = "sum") -> Any:
         """``value`` summed (``op="max"``/``"min"``: maximum/minimum) over the processes, on every process:

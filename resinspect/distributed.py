@@ -54,16 +54,39 @@ class Distributed:
         return self.rank == 0
 
     # -- splitting work -------------------------------------------------------------------------
-    def shard(self, items: Iterable[T]) -> Iterator[T]:
-        """This rank's share of a stream of items (batches, usually): items ``rank``, ``rank + world_size``, …
-        Batches stay whole, so a per-batch statistic is the same as in one process."""
-        for i, item in enumerate(items):
-            if i % self.world_size == self.rank:
-                yield item
+    def shard(self, batches: Iterable[T], whole: bool = False) -> Iterator[T]:
+        """This rank's share of a stream of batches (tuples or lists of tensors with the images first).
 
-    def split(self, items: Sequence[T]) -> list[T]:
-        """This rank's share of a list of independent units of work (``items[rank::world_size]``)."""
-        return list(items)[self.rank::self.world_size]
+        By default every batch is cut into ``world_size`` nearly equal parts along its first dimension and
+        this rank gets part ``rank`` (a balanced split, for statistics that are sums over images); empty
+        parts are skipped. ``whole=True`` keeps batches whole and gives this rank batches ``rank``,
+        ``rank + world_size``, … (for statistics computed per batch, such as the minibatch CKA estimator)."""
+        if not self.enabled:
+            yield from batches
+            return
+        for i, batch in enumerate(batches):
+            if whole:
+                if i % self.world_size == self.rank:
+                    yield batch
+                continue
+            part = _part(batch, self.world_size, self.rank)
+            if part is not None:
+                yield part
+
+    def split(self, items: Sequence[T], cost: Any = None) -> list[T]:
+        """This rank's share of a list of independent units of work: ``items[rank::world_size]``, or, with
+        ``cost`` (a function of an item, e.g. its number of forward passes), the longest-first greedy
+        assignment that balances the ranks' total cost."""
+        items = list(items)
+        if cost is None or not self.enabled:
+            return items[self.rank::self.world_size]
+        load = [0.0] * self.world_size
+        owner: dict[int, int] = {}
+        for i in sorted(range(len(items)), key=lambda i: (-float(cost(items[i])), i)):
+            r = min(range(self.world_size), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += float(cost(items[i]))
+        return [item for i, item in enumerate(items) if owner[i] == self.rank]
 
     # -- combining results ----------------------------------------------------------------------
     def all_gather(self, value: Any) -> list[Any]:
@@ -120,6 +143,20 @@ class Distributed:
 
 
 SINGLE = Distributed()
+
+
+def _part(batch: Any, world: int, rank: int) -> Any:
+    """Part ``rank`` of ``world`` of a batch (each tensor cut along its first dimension); None when empty."""
+    if isinstance(batch, torch.Tensor):
+        piece = torch.tensor_split(batch, world)[rank]
+        return piece if len(piece) else None
+    if isinstance(batch, (list, tuple)):
+        pieces = [torch.tensor_split(t, world)[rank] if isinstance(t, torch.Tensor) and t.dim() else t for t in batch]
+        first = next((p for p in pieces if isinstance(p, torch.Tensor)), None)
+        if first is not None and len(first) == 0:
+            return None
+        return type(batch)(pieces)
+    raise TypeError(f"shard: cannot cut a {type(batch).__name__} into parts; pass whole=True")
 
 
 def from_environment(device: str = "auto") -> Distributed:

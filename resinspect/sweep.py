@@ -110,6 +110,15 @@ def _identity(s: RunSettings, pairs: Sequence[str]) -> dict[str, Any]:
                                  default=str))
 
 
+def _with_defaults(old: Any, default: Any) -> Any:
+    if not isinstance(old, dict) or not isinstance(default, dict):
+        return old
+    out = dict(old)
+    for k, v in default.items():
+        out[k] = _with_defaults(old[k], v) if k in old else v
+    return out
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -170,6 +179,7 @@ def sweep(models: Sequence[str], seeds: Sequence[int] = (0,), *, out: str | Path
         state = _run_state(root / r.path)
         if state in _DONE and not redo_all:
             r.status, r.reused = state, True
+            r.seconds = Results.read(root / r.path).run.seconds
     started = dt.datetime.now().isoformat(timespec="seconds")
     state = {"identity": ident, "started": started, "models": models, "seeds": seeds, "jobs": jobs}
     _write_sweep(root, state, runs, "running")
@@ -226,6 +236,8 @@ def _resolve(models, seeds, out, jobs, config, settings, options, overwrite, val
     root = Path(out) if out is not None else Path(s.reports_root) / _safe("sweep-" + "-".join(models))[:80]
     ident = _identity(s, pairs)
     previous = _read_json(root / SWEEP_FILE) if (root / SWEEP_FILE).is_file() else None
+    if previous is not None:  # a setting added since that sweep counts as having had its default value
+        previous["identity"] = _with_defaults(previous.get("identity", {}), _identity(RunSettings(list(s.rows.values())), []))
     if previous is not None and previous.get("identity") != ident:
         if not overwrite:
             diffs = _diff(previous.get("identity", {}), ident)
@@ -480,8 +492,12 @@ def degradation_findings(families: dict[str, dict[str, dict[str, Any]]], labels:
                             "iterations; it may need deeper networks or longer training here."})
         else:
             if delta > margin:
+                why = ("Training error rises too: the deeper residual networks may be undertrained at this budget."
+                       if tr and tdelta > 0.5 else
+                       "Training error does not rise, so this is not the degradation problem: the deeper networks fit "
+                       "the training set as well and generalise a little worse.")
                 out.append({"severity": "warning", "text": f"The residual networks also get worse with depth here: "
-                            f"{words}{tr}. Deeper networks may be undertrained at this budget."})
+                            f"{words}{tr}. {why}"})
             else:
                 out.append({"severity": "good", "text": "The residual networks do not degrade with depth (no rise of "
                             f"more than {margin:.1f} points): {words}{tr}."})

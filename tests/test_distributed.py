@@ -52,8 +52,16 @@ def test_one_process_api_is_the_identity():
     assert SINGLE.all_reduce(value) is value and SINGLE.all_gather(3) == [3]
     assert list(SINGLE.shard(range(5))) == [0, 1, 2, 3, 4] and SINGLE.split([1, 2]) == [1, 2]
     two = Distributed(world_size=2, rank=1, backend="gloo")
-    assert list(two.shard(range(5))) == [1, 3] and two.split(list("abcde")) == ["b", "d"]
+    assert list(two.shard(range(5), whole=True)) == [1, 3] and two.split(list("abcde")) == ["b", "d"]
     assert not two.is_main
+    batches = [(torch.arange(5), torch.arange(5) * 10), (torch.arange(1), torch.arange(1))]
+    parts = [list(Distributed(2, r, backend="gloo").shard(batches)) for r in (0, 1)]
+    assert [[x.tolist() for x, _ in p] for p in parts] == [[[0, 1, 2], [0]], [[3, 4]]]  # balanced; no empty part
+    assert [[x.tolist() for x, _ in Distributed(2, r, backend="gloo").shard(batches, whole=True)] for r in (0, 1)] \
+        == [[[0, 1, 2, 3, 4]], [[0]]]
+    costs = {"a": 5, "b": 1, "c": 1, "d": 3, "e": 1, "f": 1}
+    shares = [Distributed(2, r, backend="gloo").split(list(costs), cost=costs.get) for r in (0, 1)]
+    assert shares == [["a", "e"], ["b", "c", "d", "f"]]  # longest first: totals 6 and 6
     with pytest.raises(ValueError, match="valid: sum, max, min"):
         SINGLE.all_reduce(1, "mean")
 

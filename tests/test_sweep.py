@@ -195,3 +195,16 @@ def test_sweep_report_and_compare_page_in_a_real_browser(swept, tmp_path):
         assert "Per-block dossier" in page.inner_text("body") and "ablation/lesion cost (points)" in page.inner_text("body")
 
     assert open_in_browser(out, compare_page) >= 2
+
+
+def test_report_command_re_renders_a_sweep(swept, tmp_path):
+    import shutil
+
+    root, _ = swept
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    original = (copy / "index.html").read_text()
+    (copy / "index.html").unlink()
+    r = CliRunner().invoke(main, ["report", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert (copy / "index.html").read_text() == original.replace(str(root), str(copy))
