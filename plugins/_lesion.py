@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,15 +102,13 @@ def _module(b) -> nn.Module:
 
 @torch.no_grad()
 def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], blocks: Sequence,
-                 lesions: Sequence[Lesion], fast: bool = True, reduce: Any = None,
-                 device: torch.device | None = None) -> tuple[LesionStats, list[LesionStats]]:
+                 lesions: Sequence[Lesion], fast: bool = True) -> tuple[LesionStats, list[LesionStats]]:
     """Evaluate the clean model and every lesion on the same batches.
 
     ``blocks`` are :class:`~resinspect.anatomy.ResidualBlock` objects (or plain
     modules for ``identity`` lesions) in forward order. Returns
     ``(clean, [stats per lesion])``. The model must be in eval mode; it is left
-    exactly as it was. Under torchrun, ``batches`` is this rank's share and ``reduce`` (``ctx.all_reduce``)
-    adds the counts of every rank; ``device`` holds the sums of a rank that got no batch.
+    exactly as it was.
     """
     clean_sums: _Sums | None = None
     sums: _Sums | None = None
@@ -134,23 +132,9 @@ def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
                 sums.add(i, model(x), y)
         sums.count += len(y)
         clean_sums.count += len(y)
-    if reduce is not None:
-        if sums is None:
-            sums, clean_sums = _Sums(len(lesions), device or torch.device("cpu")), _Sums(1, device or torch.device("cpu"))
-        _reduced(sums, clean_sums, reduce)
-    if sums is None or sums.count == 0:
+    if sums is None:
         raise ValueError("lesion_sweep: no batches to evaluate")
     return clean_sums.result()[0], sums.result()
-
-
-def _reduced(sums: _Sums, clean: _Sums, reduce: Any) -> None:
-    """Add up every rank's sums in one collective (counts are exact in float64)."""
-    n = len(sums.loss)
-    count = torch.tensor([float(sums.count)], dtype=torch.float64, device=sums.loss.device)
-    packed = reduce(torch.cat([sums.correct.double(), sums.loss, clean.correct.double(), clean.loss, count]))
-    sums.correct, sums.loss = packed[:n].round().long(), packed[n:2 * n]
-    clean.correct, clean.loss = packed[2 * n:2 * n + 1].round().long(), packed[2 * n + 1:2 * n + 2]
-    sums.count = clean.count = int(packed[-1].item())
 
 
 def _store(cache: list):

@@ -89,21 +89,31 @@ def _recalibrated(model: nn.Module, batches: list) -> Iterator[None]:
 
 
 def _sweep(ctx, model, blocks, lesions, opts, desc: str, fast: bool) -> tuple[LesionStats, list[LesionStats]]:
-    """``lesion_sweep`` on the test images; under torchrun on this rank's share of the batches, with the counts
-    added up over the ranks."""
-    batches = ctx.shard(ctx.progress(ctx.test_batches(opts["samples"]), desc=desc))
-    return lesion_sweep(model, batches, blocks, lesions, fast=fast,
-                        reduce=ctx.all_reduce if ctx.world_size > 1 else None, device=ctx.device)
+    """``lesion_sweep`` on the test images. Under torchrun the lesions are split across the ranks (balanced by
+    how much of the network each re-runs), each rank evaluates its share on every test image, and the counts
+    are gathered: exactly the numbers of one process."""
+    batches = ctx.progress(ctx.test_batches(opts["samples"]), desc=desc)
+    if ctx.world_size == 1:
+        return lesion_sweep(model, batches, blocks, lesions, fast=fast)
+    n = len(blocks)
+    mine = ctx.split(list(enumerate(lesions)), cost=lambda item: n + 1 - min(item[1].blocks, default=0))
+    clean, stats = lesion_sweep(model, batches, blocks, [lesion for _, lesion in mine], fast=fast)
+    got = {i: s for part in ctx.all_gather({i: s for (i, _), s in zip(mine, stats)}) for i, s in part.items()}
+    return clean, [got[i] for i in range(len(lesions))]
 
 
 def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
     """Each lesion evaluated after re-estimating BN statistics with the lesion in place (per-lesion passes)."""
     train = list(ctx.train_batches(opts["bn_batches"]))
-    stats = []
-    for lesion in ctx.progress(lesions, desc="lesions with BN re-estimated"):
+    stats = {}
+    # independent units of work: under torchrun each rank re-estimates and evaluates its share of the lesions
+    for i, lesion in ctx.progress(ctx.split(list(enumerate(lesions))), desc="lesions with BN re-estimated"):
         with applied_lesion(model, blocks, lesion), _recalibrated(model, train):
-            stats.append(_sweep(ctx, model, blocks, [Lesion(lesion.mode, ())], opts, "", fast=False)[1][0])
-    return stats
+            stats[i] = lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())],
+                                    fast=False)[1][0]
+    if ctx.world_size > 1:
+        stats = {i: s for part in ctx.all_gather(stats) for i, s in part.items()}
+    return [stats[i] for i in range(len(lesions))]
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

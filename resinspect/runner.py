@@ -237,6 +237,9 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     if dist.enabled:
         host.fatal = True
         progress = progress and dist.is_main
+        from . import section as _section
+
+        _section.RENDER_FIGURES[0] = dist.is_main  # the other ranks' sections are never written
         if dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
     nets = _build(s, model, data, twin, dist)

@@ -14,6 +14,8 @@ __all__ = ["Section", "Finding", "Table", "Figure", "SEVERITIES", "pyplot"]
 
 SEVERITIES = ("info", "good", "warning", "critical")
 FOLD_ROWS = 60
+# False in the ranks of a torchrun run that write nothing (all but rank 0): figures are closed, not rendered
+RENDER_FIGURES = [True]
 
 
 def pyplot() -> Any:
@@ -134,6 +136,11 @@ class Section:
 
     def figure(self, fig: Any, title: str, caption: str = "", alt: str = "") -> None:
         """Add a matplotlib figure as a PNG; the figure is closed afterwards."""
+        if not RENDER_FIGURES[0]:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            return
         self.figures.append(Figure.from_matplotlib(fig, title, caption, alt))
 
     def block_column(self, name: str, values: dict[str, float], sign: int = 1) -> None:
