@@ -173,7 +173,8 @@ def resinspect_analyze(ctx):
         s.metrics[f"block/{name}/cka_in_out"] = v["in_out"]
         if "in_branch" in v:
             s.metrics[f"block/{name}/cka_in_branch"] = v["in_branch"]
-    s.block_column("CKA(input, output)", {n: v["in_out"] for n, v in within.items()}, sign=-1)
+    if ctx.blocks("model"):  # (a plain network's units are not residual blocks: no dossier column)
+        s.block_column("CKA(input, output)", {n: v["in_out"] for n, v in within.items()}, sign=-1)
     twin_within = _within_twin(inputs.get("twin", {}), index, cka) if "twin" in heat else {}
     for name, v in twin_within.items():
         s.metrics[f"twin/block/{name}/cka_in_out"] = v
