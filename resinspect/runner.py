@@ -436,17 +436,17 @@ def _write(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, r
            history: dict[str, History], sections: dict[str, list[Section]], error: str | None,
            config_toml: str, clock: float) -> RunResult:
     run_dir = ctx.run_dir
+    results.status = "failed" if error else ("plugins_failed" if host.failures else "complete")
     if not ctx.is_main:  # only rank 0 writes; the others end here
-        results.status = "failed" if error else ("plugins_failed" if host.failures else "complete")
         return RunResult(run_dir, results, sections, nets.net, nets.twin)
     if s.epochs <= 0 or not (run_dir / "model.pt").exists():
         _save_checkpoint(run_dir / "model.pt", nets.net, nets.label, nets, {})
     results.core_sections = [_training_section(ctx, history)] if history else []
-    dossier = dossier_section(results.model.get("residual_blocks", []),
-                              [x for secs in sections.values() for x in secs])
+    plugin_sections = [x for secs in sections.values() for x in secs]
+    dossier = dossier_section(results.model.get("residual_blocks", []), plugin_sections)
     if dossier is not None:
         results.core_sections.append(dossier)
-    ctx.tensorboard.sections(results.core_sections + [x for secs in sections.values() for x in secs])
+    ctx.tensorboard.sections(results.core_sections + plugin_sections)
     ctx.tensorboard.close()
     results.training = {role: h.to_dict() for role, h in history.items()}
     for name in s.plugins:
@@ -456,7 +456,6 @@ def _write(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, r
             seconds=host.timings.get(name, 0.0), error=failure.error if failure else None,
             failed_hook=failure.hook if failure else None, traceback=failure.traceback if failure else None,
             sections=sections.get(name, []))
-    results.status = "failed" if error else ("plugins_failed" if host.failures else "complete")
     results.error = error
     results.run.phase = None if not error else "train"
     results.run.finished = dt.datetime.now().isoformat(timespec="seconds")

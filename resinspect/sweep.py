@@ -85,8 +85,7 @@ def _parse_seeds(seeds: Iterable[Any]) -> list[int]:
 
 
 def _check_models(models: Sequence[str]) -> list[str]:
-    from .models.registry import MODELS, _is_factory_path, _user_factory, model_names
-    from .errors import UnknownNameError
+    from .models.registry import model_factory
 
     models = [m.strip() for m in models if m.strip()]
     if not models:
@@ -94,11 +93,7 @@ def _check_models(models: Sequence[str]) -> list[str]:
     if len(set(models)) != len(models):
         raise ResinspectError(f"--models: a model is listed twice ({', '.join(models)})")
     for m in models:
-        if m in MODELS:
-            continue
-        if not _is_factory_path(m):
-            raise UnknownNameError("model", m, model_names())
-        _user_factory(m)
+        model_factory(m)  # an unknown name fails here, listing the valid ones
     return models
 
 
@@ -136,17 +131,18 @@ def _combo_settings(base: RunSettings, model: str, seed: int, out: Path) -> RunS
     return c
 
 
-def _run_state(run_dir: Path) -> str:
-    """``complete``/``plugins_failed`` for a finished run directory, else what it says (or ``pending``)."""
+def _run_state(run_dir: Path) -> tuple[str, float | None]:
+    """``complete``/``plugins_failed`` for a finished run directory, else what it says (or ``pending``), with
+    the run's seconds."""
     if not (run_dir / "results.json").is_file():
-        return "pending"
+        return "pending", None
     try:
         r = Results.read(run_dir)
     except ResinspectError:
-        return "pending"
+        return "pending", None
     if r.status in _DONE and not (run_dir / "index.html").is_file():
-        return "running"
-    return r.status
+        return "running", r.run.seconds
+    return r.status, r.run.seconds
 
 
 def sweep(models: Sequence[str], seeds: Sequence[int] = (0,), *, out: str | Path | None = None, jobs: int = 1,
@@ -176,10 +172,9 @@ def sweep(models: Sequence[str], seeds: Sequence[int] = (0,), *, out: str | Path
         raise output_error(root, "create the sweep folder", e) from e
     runs = [SweepRun(m, seed, f"{_safe(m)}-seed{seed}") for m in models for seed in seeds]
     for r in runs:
-        state = _run_state(root / r.path)
+        state, seconds = _run_state(root / r.path)
         if state in _DONE and not redo_all:
-            r.status, r.reused = state, True
-            r.seconds = Results.read(root / r.path).run.seconds
+            r.status, r.reused, r.seconds = state, True, seconds
     started = dt.datetime.now().isoformat(timespec="seconds")
     state = {"identity": ident, "started": started, "models": models, "seeds": seeds, "jobs": jobs}
     _write_sweep(root, state, runs, "running")
@@ -335,7 +330,7 @@ def _run_parallel(s: RunSettings, pairs: list[str], root: Path, todo: list[Sweep
                 fh.close()
                 active.remove(item)
                 r.seconds = round(time.perf_counter() - clock, 1)
-                state = _run_state(root / r.path)
+                state, _ = _run_state(root / r.path)
                 r.status = state if state in _DONE or state in ("failed", "interrupted") else "failed"
                 if r.status not in _DONE:
                     tail = (logs / f"{r.path}.log").read_text(encoding="utf-8", errors="replace").strip()

@@ -121,6 +121,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _global_sums(dist: Distributed, loss_sum: torch.Tensor, correct: torch.Tensor, count: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A loss sum, a count of correct predictions and an image count, added up over the ranks in one
+    collective (counts are exact in float64)."""
+    n = torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)
+    total = dist.all_reduce(torch.stack([loss_sum, correct.double(), n]))
+    return total[0], total[1].long(), int(total[2].item())
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed = SINGLE
              ) -> dict[str, float]:
@@ -137,9 +146,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: D
             correct += (logits.argmax(1) == y).sum()
             count += len(y)
     if dist.enabled:
-        total = dist.all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device,
-                                                                                     dtype=torch.float64)]))
-        loss_sum, correct, count = total[0], total[1].long(), int(total[2].item())
+        loss_sum, correct, count = _global_sums(dist, loss_sum, correct, count)
     if count == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
     return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
@@ -304,9 +311,7 @@ class _Loop:
         if self.scheduler is not None and not self.per_step_schedule:
             self.scheduler.step()
         if self.dist.enabled:
-            total = self.dist.all_reduce(torch.stack([loss_sum, correct.double(),
-                                                      torch.tensor(float(seen), dtype=torch.float64, device=device)]))
-            loss_sum, correct, seen = total[0], total[1].long(), int(total[2].item())
+            loss_sum, correct, seen = _global_sums(self.dist, loss_sum, correct, seen)
             self.dist.average_buffers(model)
         test = evaluate(model, self.test_loader, device, self.dist)
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),

@@ -1,14 +1,13 @@
 """The run directory as a user sees it: results.json schema, TensorBoard, the HTML report in a real browser."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 import resinspect
-from helpers import chromium
+from helpers import open_in_browser
 from inline_plugins import Counter, Crasher
 from resinspect.plugins import PluginHost, discover_entry_points
 from resinspect.rundir import render_run
@@ -116,41 +115,26 @@ def test_report_is_self_contained(run_dir):
 
 @pytest.mark.browser
 def test_report_in_a_real_browser(run_dir):
-    from playwright.sync_api import sync_playwright
-
-    exe = chromium()
     results = json.loads((run_dir / "results.json").read_text())
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto((run_dir / "index.html").as_uri())
-            page.wait_for_load_state("load")
-            assert errors == []
-            images = page.eval_on_selector_all(
-                "img", "els => els.map(e => ({ok: e.complete && e.naturalWidth > 0, alt: e.alt}))")
-            n_figures = sum(len(s["figures"]) for p_ in results["plugins"].values() for s in p_["sections"])
-            n_figures += sum(len(s["figures"]) for s in results["core_sections"])
-            assert len(images) == n_figures > 3 and all(i["ok"] for i in images), images
-            plugins_shown = set(page.eval_on_selector_all("section.plugin", "els => els.map(e => e.dataset.plugin)"))
-            assert plugins_shown == set(results["plugins"]) | {"core", "dossier"}
-            assert page.inner_text("#run-status") == "complete, with failed plugins"
-            assert "crasher exploded" in page.inner_text("#failures")
-            summary_items = page.eval_on_selector_all("#summary-list li", "els => els.length")
-            assert summary_items >= 3
-            # MathML renders (no raw markup shown as text)
-            assert "<math" not in page.inner_text("#explainer")
-            # the torchinfo layer table is folded: closed at first, its rows hidden, and it opens on a click
-            folded = page.locator("details.folded-table").first
-            assert folded.get_attribute("open") is None
-            first_row = folded.locator("tbody tr").first
-            assert not first_row.is_visible()
-            folded.locator("summary").click()
-            assert folded.get_attribute("open") is not None and first_row.is_visible()
-        finally:
-            browser.close()
+
+    def check(page):
+        plugins_shown = set(page.eval_on_selector_all("section.plugin", "els => els.map(e => e.dataset.plugin)"))
+        assert plugins_shown == set(results["plugins"]) | {"core", "dossier"}
+        assert page.inner_text("#run-status") == "complete, with failed plugins"
+        assert "crasher exploded" in page.inner_text("#failures")
+        summary_items = page.eval_on_selector_all("#summary-list li", "els => els.length")
+        assert summary_items >= 3
+        # MathML renders (no raw markup shown as text)
+        assert "<math" not in page.inner_text("#explainer")
+        # the torchinfo layer table is folded: closed at first, its rows hidden, and it opens on a click
+        folded = page.locator("details.folded-table").first
+        assert folded.get_attribute("open") is None
+        first_row = folded.locator("tbody tr").first
+        assert not first_row.is_visible()
+        folded.locator("summary").click()
+        assert folded.get_attribute("open") is not None and first_row.is_visible()
+
+    # no console or page errors, every image decodes (open_in_browser), and one image per figure
+    n_figures = sum(len(s["figures"]) for p_ in results["plugins"].values() for s in p_["sections"])
+    n_figures += sum(len(s["figures"]) for s in results["core_sections"])
+    assert open_in_browser(run_dir / "index.html", check) == n_figures > 3

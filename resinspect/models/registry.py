@@ -122,18 +122,23 @@ def _user_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
-    """Build the model called ``name`` for the given input channels and class count.
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The factory of the model called ``name`` (registered, or ``package.module:function``), nothing built.
 
     Raises ``UnknownNameError`` (listing the valid names and the closest one)
     for an unknown name.
     """
     if name in MODELS:
-        factory = MODELS[name].factory
-    elif not _is_factory_path(name):
+        return MODELS[name].factory
+    if not _is_factory_path(name):
         raise UnknownNameError("model", name, model_names())
-    else:
-        factory = _user_factory(name)
+    return _user_factory(name)
+
+
+def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+    """Build the model called ``name`` for the given input channels and class count (see
+    :func:`model_factory` for the names)."""
+    factory = model_factory(name)
     params = inspect.signature(factory).parameters
     offered = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
     accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
