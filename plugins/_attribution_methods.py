@@ -8,7 +8,8 @@ to score a method of your own.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,25 +26,46 @@ def _saliency(model, x, target, opts, stage=None):
 def _integrated_gradients(model, x, target, opts, stage=None):
     from captum.attr import IntegratedGradients
 
-    return IntegratedGradients(model).attribute(
-        x, baselines=torch.zeros_like(x), target=target, n_steps=opts["ig_steps"],
-        internal_batch_size=opts["internal_batch_size"]).sum(1)
+    return (
+        IntegratedGradients(model)
+        .attribute(
+            x,
+            baselines=torch.zeros_like(x),
+            target=target,
+            n_steps=opts["ig_steps"],
+            internal_batch_size=opts["internal_batch_size"],
+        )
+        .sum(1)
+    )
 
 
 def _smoothgrad(model, x, target, opts, stage=None):
     from captum.attr import NoiseTunnel, Saliency
 
-    return NoiseTunnel(Saliency(model)).attribute(
-        x, nt_type="smoothgrad", nt_samples=opts["smoothgrad_samples"], stdevs=opts["smoothgrad_std"],
-        nt_samples_batch_size=opts["smoothgrad_samples"], target=target, abs=True).sum(1)
+    return (
+        NoiseTunnel(Saliency(model))
+        .attribute(
+            x,
+            nt_type="smoothgrad",
+            nt_samples=opts["smoothgrad_samples"],
+            stdevs=opts["smoothgrad_std"],
+            nt_samples_batch_size=opts["smoothgrad_samples"],
+            target=target,
+            abs=True,
+        )
+        .sum(1)
+    )
 
 
 def _gradient_shap(model, x, target, opts, stage=None):
     from captum.attr import GradientShap
 
     baselines = torch.zeros((4, *x.shape[1:]), device=x.device, dtype=x.dtype)
-    return GradientShap(model).attribute(x, baselines=baselines, target=target, n_samples=opts["ig_steps"],
-                                         stdevs=opts["smoothgrad_std"]).sum(1)
+    return (
+        GradientShap(model)
+        .attribute(x, baselines=baselines, target=target, n_samples=opts["ig_steps"], stdevs=opts["smoothgrad_std"])
+        .sum(1)
+    )
 
 
 def _occlusion(model, x, target, opts, stage=None):
@@ -51,9 +73,18 @@ def _occlusion(model, x, target, opts, stage=None):
 
     w = max(2, opts["occlusion_window"] or x.shape[-1] // 4)
     stride = max(1, w // 2)
-    return Occlusion(model).attribute(
-        x, sliding_window_shapes=(x.shape[1], w, w), strides=(x.shape[1], stride, stride), baselines=0.0,
-        target=target, perturbations_per_eval=opts["internal_batch_size"]).sum(1)
+    return (
+        Occlusion(model)
+        .attribute(
+            x,
+            sliding_window_shapes=(x.shape[1], w, w),
+            strides=(x.shape[1], stride, stride),
+            baselines=0.0,
+            target=target,
+            perturbations_per_eval=opts["internal_batch_size"],
+        )
+        .sum(1)
+    )
 
 
 def _gradcam(model, x, target, opts, stage=None):
@@ -90,7 +121,7 @@ def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def method_names(model: nn.Module, requested: list[str]) -> list[tuple[str, str, Any]]:
     """``[(display name, method key, stage module or None)]``; ``gradcam`` expands to one entry per stage."""
-    out = []
+    out: list[tuple[str, str, Any]] = []
     for key in requested:
         if key == "gradcam":
             out += [(f"gradcam:{name}", key, mod) for name, mod in stage_modules(model).items()]
@@ -99,8 +130,14 @@ def method_names(model: nn.Module, requested: list[str]) -> list[tuple[str, str,
     return out
 
 
-def attribute(model: nn.Module, key: str, x: torch.Tensor, target: torch.Tensor, opts: dict[str, Any],
-              stage: nn.Module | None = None) -> torch.Tensor:
+def attribute(
+    model: nn.Module,
+    key: str,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    opts: dict[str, Any],
+    stage: nn.Module | None = None,
+) -> torch.Tensor:
     """Maps ``(B, H, W)`` for method ``key``, detached (the model's gradients are left untouched)."""
     saved = [p.grad for p in model.parameters()]
     try:

@@ -21,9 +21,15 @@ def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor,
-                       steps: int = 20, baseline: float = 0.0, batch_size: int = 256
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def deletion_insertion(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    maps: torch.Tensor,
+    steps: int = 20,
+    baseline: float = 0.0,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deletion and insertion curves (Petsiuk et al. 2018) of the target-class probability.
 
     Pixels are removed (deletion: set to ``baseline``) or revealed (insertion:
@@ -35,9 +41,9 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     """
     b, c, h, w = x.shape
     n = h * w
-    ranks = pixel_ranks(maps)                                         # [B, H, W]
-    counts = torch.linspace(0, n, steps + 1, device=x.device).round().long()   # pixels affected per step
-    affected = ranks.unsqueeze(0) < counts.view(-1, 1, 1, 1)          # [T+1, B, H, W]
+    ranks = pixel_ranks(maps)  # [B, H, W]
+    counts = torch.linspace(0, n, steps + 1, device=x.device).round().long()  # pixels affected per step
+    affected = ranks.unsqueeze(0) < counts.view(-1, 1, 1, 1)  # [T+1, B, H, W]
     base = torch.full_like(x, baseline)
     curves = []
     for mode in ("deletion", "insertion"):
@@ -45,9 +51,9 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
         images = torch.where(keep.unsqueeze(2), x.unsqueeze(0), base.unsqueeze(0)).reshape(-1, c, h, w)
         probs = []
         for i in range(0, len(images), batch_size):
-            probs.append(torch.softmax(model(images[i:i + batch_size]), dim=1))
+            probs.append(torch.softmax(model(images[i : i + batch_size]), dim=1))
         p = torch.cat(probs).view(steps + 1, b, -1)
-        curves.append(p.gather(2, target.view(1, b, 1).expand(steps + 1, b, 1))[..., 0].t())   # [B, T+1]
+        curves.append(p.gather(2, target.view(1, b, 1).expand(steps + 1, b, 1))[..., 0].t())  # [B, T+1]
     frac = counts.double() / n
     aucs = [torch.trapezoid(cv.double(), frac, dim=1) for cv in curves]
     return curves[0], curves[1], aucs[0], aucs[1]

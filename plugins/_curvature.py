@@ -11,8 +11,8 @@ between the first two eigenvalues.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,13 @@ class HessianOperator:
     """v ↦ H v for the mean loss over fixed ``batches`` (each ``(x, y)``), with respect to ``params``; vectors
     are flat float tensors of ``dim`` entries. The networks' mode is the caller's (eval: BatchNorm fixed)."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 params: list[nn.Parameter] | None = None,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        params: list[nn.Parameter] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.dim = sum(self.sizes)
@@ -47,19 +51,21 @@ class HessianOperator:
             flat = torch.cat([h.reshape(-1) for h in hv])
             out = flat if out is None else out + flat
         self.products += 1
+        assert out is not None  # (one graph per batch, and there is at least one batch)
         return out
 
     def gradient(self) -> torch.Tensor:
         """The loss gradient (flat), from the graphs already built."""
-        return sum(torch.cat([t.detach().reshape(-1) for t in g]) for g in self.grads)
+        return torch.stack([torch.cat([t.detach().reshape(-1) for t in g]) for g in self.grads]).sum(0)
 
     def release(self) -> None:
         """Drop the double-backward graphs."""
         self.grads = []
 
 
-def lanczos(op: Callable[[torch.Tensor], torch.Tensor], steps: int, start: torch.Tensor,
-            tol: float = 0.0, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+def lanczos(
+    op: Callable[[torch.Tensor], torch.Tensor], steps: int, start: torch.Tensor, tol: float = 0.0, top_k: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Lanczos with full reorthogonalisation from ``start``, for at most ``steps`` products.
 
     With ``tol > 0`` it stops as soon as each of the ``top_k`` largest Ritz values θ has an estimated error
@@ -116,8 +122,14 @@ def _tridiagonal(alphas: list[torch.Tensor], betas: list[torch.Tensor]) -> torch
     return t
 
 
-def top_eigenvalues(op: HessianOperator, k: int = 1, steps: int = 100, tol: float = 1e-3,
-                    generator: torch.Generator | None = None, from_gradient: bool = True) -> tuple[list[float], int]:
+def top_eigenvalues(
+    op: HessianOperator,
+    k: int = 1,
+    steps: int = 100,
+    tol: float = 1e-3,
+    generator: torch.Generator | None = None,
+    from_gradient: bool = True,
+) -> tuple[list[float], int]:
     """The ``k`` largest eigenvalues of the Hessian (Ritz values of a Lanczos run that stops once they change
     by less than ``tol``, relative, in one step), and the number of Hessian-vector products used."""
     start = torch.randn(op.dim, generator=generator, dtype=op.dtype).to(op.device)
@@ -144,8 +156,12 @@ class TraceEstimate:
     samples: torch.Tensor  # [probes]: vᵀHv of each probe
 
 
-def hutchinson(op: HessianOperator, probes: int, groups: dict[str, list[int]] | None = None,
-               generator: torch.Generator | None = None) -> TraceEstimate:
+def hutchinson(
+    op: HessianOperator,
+    probes: int,
+    groups: dict[str, list[int]] | None = None,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
     """tr(H) ≈ mean of vᵀHv over Rademacher v. With ``groups`` (name → indices into ``op.params``), the same
     probes give each group's trace: Σ over the group's entries of v·(Hv), whose expectation is the trace of
     the group's diagonal block of H. Every parameter belongs to exactly one group, or to none listed (then
@@ -164,8 +180,9 @@ def hutchinson(op: HessianOperator, probes: int, groups: dict[str, list[int]] | 
     for i in range(probes):
         v = (torch.randint(0, 2, (op.dim,), generator=generator) * 2 - 1).to(op.device, op.dtype)
         hv = op(v)
-        per_group[i] = torch.zeros(len(names), dtype=torch.float64, device=op.device).index_add_(
-            0, seg, (v * hv).double()).cpu()
+        per_group[i] = (
+            torch.zeros(len(names), dtype=torch.float64, device=op.device).index_add_(0, seg, (v * hv).double()).cpu()
+        )
     samples = per_group.sum(1)
 
     def stats(x: torch.Tensor) -> tuple[float, float]:
@@ -175,8 +192,14 @@ def hutchinson(op: HessianOperator, probes: int, groups: dict[str, list[int]] | 
     return TraceEstimate(mean, err, probes, {n: stats(per_group[:, j]) for j, n in enumerate(names)}, samples)
 
 
-def density(op: HessianOperator, steps: int = 80, runs: int = 1, width: float | None = None, points: int = 400,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def density(
+    op: HessianOperator,
+    steps: int = 80,
+    runs: int = 1,
+    width: float | None = None,
+    points: int = 400,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019): ``runs`` Lanczos runs
     from Rademacher vectors; each tridiagonal matrix's eigenvalues are nodes weighted by the squared first
     components of its eigenvectors, smoothed by Gaussians. Returns ``(grid, density)``."""
@@ -192,5 +215,5 @@ def density(op: HessianOperator, steps: int = 80, runs: int = 1, width: float | 
     pad = 0.05 * max(hi - lo, 1e-12)
     grid = torch.linspace(lo - pad, hi + pad, points, dtype=torch.float64)
     sigma = width if width is not None else max((hi - lo) / 100, 1e-12)
-    dens = (weights_t[None, :] * torch.exp(-((grid[:, None] - nodes_t[None, :]) ** 2) / (2 * sigma ** 2))).sum(1)
+    dens = (weights_t[None, :] * torch.exp(-((grid[:, None] - nodes_t[None, :]) ** 2) / (2 * sigma**2))).sum(1)
     return grid, dens / (sigma * math.sqrt(2 * math.pi))

@@ -8,6 +8,7 @@ autograd — in float64, and the report shows the largest difference per formula
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,29 +18,31 @@ from resinspect import Section, capture, eval_mode, residual_blocks
 
 FORMULAS = {
     "conv": "Convolution Y = W ⋆ X + b, written as Y = W·unfold(X) + b: ∂L/∂W = Σₙ ∂L/∂Yₙ · unfold(Xₙ)ᵀ, "
-            "∂L/∂X = fold(Wᵀ · ∂L/∂Y), ∂L/∂b = Σ ∂L/∂Y over batch and positions.",
+    "∂L/∂X = fold(Wᵀ · ∂L/∂Y), ∂L/∂b = Σ ∂L/∂Y over batch and positions.",
     "batchnorm": "BatchNorm (training mode, statistics over N·H·W per channel) y = γ·x̂ + β, x̂ = (x − μ)/√(σ² + ε): "
-                 "∂L/∂γ = Σ ∂L/∂y·x̂, ∂L/∂β = Σ ∂L/∂y, ∂L/∂x = γ/√(σ² + ε) · (∂L/∂y − mean(∂L/∂y) − x̂·mean(∂L/∂y·x̂)).",
+    "∂L/∂γ = Σ ∂L/∂y·x̂, ∂L/∂β = Σ ∂L/∂y, ∂L/∂x = γ/√(σ² + ε) · (∂L/∂y − mean(∂L/∂y) − x̂·mean(∂L/∂y·x̂)).",
     "relu": "ReLU y = max(x, 0): ∂L/∂x = ∂L/∂y · 1[x > 0].",
     "linear": "Linear Y = X·Wᵀ + b: ∂L/∂X = ∂L/∂Y·W, ∂L/∂W = (∂L/∂Y)ᵀ·X, ∂L/∂b = Σₙ ∂L/∂Yₙ.",
     "residual": "Residual addition y = F(x) + S(x): ∂L/∂x = J_Sᵀ·∂L/∂y + J_Fᵀ·∂L/∂y — with an identity skip, "
-                "∂L/∂x = ∂L/∂y·(1 + ∂F/∂x).",
+    "∂L/∂x = ∂L/∂y·(1 + ∂F/∂x).",
 }
 
-EXPLANATION = ("The backward pass of a residual block, layer by layer. Each formula below was evaluated on the "
-               "actual input of one block of this model (one test batch, float64, a random upstream gradient) and "
-               "compared with PyTorch's autograd; the table shows the largest absolute difference, which should "
-               "sit at floating-point noise (around 1e-12 or below).\n\n" + "\n\n".join(FORMULAS.values()))
+EXPLANATION = (
+    "The backward pass of a residual block, layer by layer. Each formula below was evaluated on the "
+    "actual input of one block of this model (one test batch, float64, a random upstream gradient) and "
+    "compared with PyTorch's autograd; the table shows the largest absolute difference, which should "
+    "sit at floating-point noise (around 1e-12 or below).\n\n" + "\n\n".join(FORMULAS.values())
+)
 
 
 def conv_backward(x, w, b, dy, conv: nn.Conv2d):
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    padding = cast(tuple[int, ...], conv.padding)  # (_kind admits only tuple padding)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     n, o = dy.shape[:2]
     dym = dy.reshape(n, o, -1)
     dw = torch.einsum("nol,nkl->ok", dym, cols).reshape(w.shape)
     dcols = torch.einsum("ok,nol->nkl", w.reshape(o, -1), dym)
-    dx = F.fold(dcols, x.shape[-2:], conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                stride=conv.stride)
+    dx = F.fold(dcols, x.shape[-2:], conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     db = dy.sum((0, 2, 3)) if b is not None else None
     return dx, {"weight": dw, "bias": db}
 
@@ -62,7 +65,8 @@ def linear_backward(x, w, b, dy):
     return dy @ w, {"weight": dy.t() @ x, "bias": dy.sum(0) if b is not None else None}
 
 
-def _check_layer(kind: str, module: nn.Module, x: torch.Tensor, gen: torch.Generator) -> float | None:
+def _check_layer(kind: str, layer: nn.Module, x: torch.Tensor, gen: torch.Generator) -> float:
+    module = cast(Any, layer)  # a Conv2d, BatchNorm2d, ReLU or Linear, by kind
     x = x.detach().clone().requires_grad_(True)
     module.train(kind == "batchnorm")  # BN: the batch-statistics formula
     y = module(x.clone())  # a clone, so that in-place modules (ReLU(inplace=True)) leave x intact
@@ -107,8 +111,7 @@ def _capture_inputs(model: nn.Module, modules: dict[str, nn.Module], x: torch.Te
 
 def check_model_formulas(ctx) -> Section:
     """Check every formula on one residual block (the first non-downsampling one) and the last linear layer."""
-    s = Section(title="Backward formulas, checked against autograd", explanation=EXPLANATION,
-                docs="explainer-gradient")
+    s = Section(title="Backward formulas, checked against autograd", explanation=EXPLANATION, docs="explainer-gradient")
     model = ctx.model
     x = next(ctx.test_batches(16))[0]
     blocks = residual_blocks(model)
@@ -127,11 +130,12 @@ def check_model_formulas(ctx) -> Section:
                 candidates[n] = m
     inputs = _capture_inputs(model, dict(candidates), x)
     gen = torch.Generator().manual_seed(ctx.seed)
-    rows, worst = [], {}
+    rows: list[list[Any]] = []
+    worst: dict[str, float] = {}
     for name, module in candidates.items():
-        if name not in inputs:
-            continue
         kind = _kind(module)
+        if name not in inputs or kind is None:
+            continue
         diff = _check_layer(kind, copy.deepcopy(module).double(), inputs[name].double(), gen)
         rows.append([kind, name, diff])
         worst[kind] = max(worst.get(kind, 0.0), diff)
@@ -145,10 +149,13 @@ def check_model_formulas(ctx) -> Section:
         s.metrics[f"max_abs_diff/{kind}"] = d
     if worst:
         big = max(worst.values())
-        s.finding(f"All {len(rows)} checks of the written backward formulas ({', '.join(worst)}) agree with autograd "
-                  f"to {big:.1e} or better on {block.name if block else 'the first layers'} of this model."
-                  if big < 1e-8 else f"A backward formula differs from autograd by {big:.1e}: see the table.",
-                  "good" if big < 1e-8 else "critical")
+        s.finding(
+            f"All {len(rows)} checks of the written backward formulas ({', '.join(worst)}) agree with autograd "
+            f"to {big:.1e} or better on {block.name if block else 'the first layers'} of this model."
+            if big < 1e-8
+            else f"A backward formula differs from autograd by {big:.1e}: see the table.",
+            "good" if big < 1e-8 else "critical",
+        )
     return s
 
 
@@ -164,4 +171,3 @@ def _check_residual(block, x: torch.Tensor, gen: torch.Generator) -> float:
     y2 = fresh.variant("split")(xb, xs)
     gb, gs = torch.autograd.grad(y2, [xb, xs], dy)
     return (gb + gs - auto_dx).abs().max().item()
-

@@ -94,8 +94,9 @@ class GradRecorder:
         out = []
         for idx in self._groups:
             grads = [self.params[i].grad for i in idx]
-            g = torch.stack([x.detach() if x is not None else torch.zeros_like(self.params[i])
-                             for i, x in zip(idx, grads)]).flatten(1)
+            g = torch.stack(
+                [x.detach() if x is not None else torch.zeros_like(self.params[i]) for i, x in zip(idx, grads)]
+            ).flatten(1)
             l2 = torch.linalg.vector_norm(g, dim=1)
             g = g.abs_()
             out.append(torch.stack([l2, g.mean(1), g.amax(1)]))

@@ -15,9 +15,9 @@ restored bit for bit afterwards, also after an error.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +63,15 @@ class Evaluation:
 class Surface:
     """Loss (cross-entropy) and accuracy of ``model`` on fixed ``batches`` at points w + Σ_k c_k d_k."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 directions: Sequence[Sequence[torch.Tensor]], chunk: int = 1,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, sub_batch: int = 64):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        directions: Sequence[Sequence[torch.Tensor]],
+        chunk: int = 1,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        sub_batch: int = 64,
+    ):
         self.model = model
         self.names = [n for n, p in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
@@ -73,9 +79,16 @@ class Surface:
         self.directions = directions
         # sub-batches small enough for the activations to stay in cache (on two CPU cores 64 images of
         # 16×16 are 10% faster per point than 256), channels-last for the convolutions
-        self.batches = [(x[i: i + sub_batch].contiguous(memory_format=torch.channels_last) if x.dim() == 4
-                         else x[i: i + sub_batch], y[i: i + sub_batch])
-                        for x, y in batches for i in range(0, len(y), sub_batch)]
+        self.batches = [
+            (
+                x[i : i + sub_batch].contiguous(memory_format=torch.channels_last)
+                if x.dim() == 4
+                else x[i : i + sub_batch],
+                y[i : i + sub_batch],
+            )
+            for x, y in batches
+            for i in range(0, len(y), sub_batch)
+        ]
         self.count = sum(len(y) for _, y in batches)
         self.chunk = chunk
         self.loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
@@ -127,7 +140,7 @@ class Surface:
         batched = vmap(forward, in_dims=(0, None))
         losses, accs = [], []
         for lo in range(0, len(coords), self.chunk):
-            c = coords[lo: lo + self.chunk].to(base[0].dtype).to(base[0].device)  # [P, K]
+            c = coords[lo : lo + self.chunk].to(base[0].dtype).to(base[0].device)  # [P, K]
             weights = {n: b.unsqueeze(0) + torch.tensordot(c, d, dims=1) for n, b, d in zip(moving, base, dirs)}
             loss = torch.zeros(len(c), dtype=torch.float64, device=c.device)
             correct = torch.zeros(len(c), dtype=torch.long, device=c.device)

@@ -16,9 +16,10 @@ block forward passes. Memory holds one batch's activations per block.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x
 
 
-def _replaying(modules: Sequence[nn.Module], outputs: Sequence[torch.Tensor]):
+def _replaying(modules: Sequence[nn.Module], outputs: Sequence[torch.Tensor | None]):
     """Context manager: each module returns its cached output instead of computing it."""
     return forwards_replaced((m, (lambda *a, _out=out, **k: _out)) for m, out in zip(modules, outputs))
 
@@ -101,8 +102,13 @@ def _module(b) -> nn.Module:
 
 
 @torch.no_grad()
-def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], blocks: Sequence,
-                 lesions: Sequence[Lesion], fast: bool = True) -> tuple[LesionStats, list[LesionStats]]:
+def lesion_sweep(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    blocks: Sequence,
+    lesions: Sequence[Lesion],
+    fast: bool = True,
+) -> tuple[LesionStats, list[LesionStats]]:
     """Evaluate the clean model and every lesion on the same batches.
 
     ``blocks`` are :class:`~resinspect.anatomy.ResidualBlock` objects (or plain
@@ -110,8 +116,8 @@ def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     ``(clean, [stats per lesion])``. The model must be in eval mode; it is left
     exactly as it was.
     """
-    clean_sums: _Sums | None = None
-    sums: _Sums | None = None
+    clean_sums: Any = None
+    sums: Any = None
     modules = [_module(b) for b in blocks]
     for x, y in batches:
         if sums is None:
@@ -140,4 +146,5 @@ def lesion_sweep(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
 def _store(cache: list):
     def keep(name: str, module: nn.Module, inputs, output) -> None:
         cache[int(name)] = output
+
     return keep

@@ -94,8 +94,9 @@ def _through_block(block: ResidualBlock, x: torch.Tensor, stack: torch.Tensor) -
     return new
 
 
-def decompose_batch(model: nn.Module, blocks: list[ResidualBlock], x: torch.Tensor, y: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def decompose_batch(
+    model: nn.Module, blocks: list[ResidualBlock], x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(levels [N + 1, B, *input of block 0], autograd's gradient at that input)`` for one batch.
 
     The model must be in eval mode; nothing of it is changed.
@@ -113,8 +114,7 @@ def decompose_batch(model: nn.Module, blocks: list[ResidualBlock], x: torch.Tens
     return stack.detach(), full.detach()
 
 
-def path_gradients(model: nn.Module, blocks: list[ResidualBlock], batches, progress=lambda it, **kw: it
-                   ) -> PathSums:
+def path_gradients(model: nn.Module, blocks: list[ResidualBlock], batches, progress=lambda it, **kw: it) -> PathSums:
     """Accumulate :class:`PathSums` over ``batches`` (eval mode inside; the model is left as it was)."""
     sums = PathSums(len(blocks))
     with eval_mode(model):
@@ -130,21 +130,27 @@ def _gated(block: ResidualBlock, branch_on: bool):
     return lambda inp: split(inp if branch_on else inp.detach(), inp.detach() if branch_on else inp)
 
 
-def brute_force_by_length(model: nn.Module, blocks: list[ResidualBlock], x: torch.Tensor, y: torch.Tensor
-                          ) -> torch.Tensor:
+def brute_force_by_length(
+    model: nn.Module, blocks: list[ResidualBlock], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """The same ``[N + 1, B, ...]`` decomposition by enumerating all 2^N paths with ordinary autograd: for
     one path, each block lets the gradient through exactly one of its two paths (the other reads a detached
     copy of the input, so the forward point is unchanged). Exponential: for tests on ≤ 6 blocks."""
     n = len(blocks)
     out = None
     with eval_mode(model):
-        for mask in range(2 ** n):
+        for mask in range(2**n):
             on = [bool((mask >> i) & 1) for i in range(n)]  # True: through the branch
-            with capture(blocks[:1], detach=False, outputs=False, first_only=True) as seen, torch.enable_grad(), \
-                    forwards_replaced([(b.module, _gated(b, o)) for b, o in zip(blocks, on)]):
+            with (
+                capture(blocks[:1], detach=False, outputs=False, first_only=True) as seen,
+                torch.enable_grad(),
+                forwards_replaced([(b.module, _gated(b, o)) for b, o in zip(blocks, on)]),
+            ):
                 loss = _loss(model, x.detach().requires_grad_(True), y)
                 (g,) = torch.autograd.grad(loss, seen.inputs[blocks[0].name])
             if out is None:
                 out = torch.zeros(n + 1, *g.shape, dtype=g.dtype, device=g.device)
             out[sum(on)] += g
+    if out is None:
+        raise ValueError("path_gradients: no batches to decompose")
     return out

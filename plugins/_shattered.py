@@ -19,8 +19,17 @@ from torch import nn
 
 from resinspect import eval_mode
 
-__all__ = ["line_points", "input_gradients", "correlation_matrix", "autocorrelation", "decay_length",
-           "ToyPlain", "ToyResidual", "toy_gradients", "sequence_autocorrelation"]
+__all__ = [
+    "line_points",
+    "input_gradients",
+    "correlation_matrix",
+    "autocorrelation",
+    "decay_length",
+    "ToyPlain",
+    "ToyResidual",
+    "toy_gradients",
+    "sequence_autocorrelation",
+]
 
 
 def line_points(start: torch.Tensor, end: torch.Tensor, m: int) -> torch.Tensor:
@@ -34,7 +43,7 @@ def input_gradients(model: nn.Module, points: torch.Tensor, cls: int, batch: int
     out = []
     with eval_mode(model), torch.enable_grad():
         for i in range(0, len(points), batch):
-            x = points[i:i + batch].detach().requires_grad_(True)
+            x = points[i : i + batch].detach().requires_grad_(True)
             (g,) = torch.autograd.grad(model(x)[:, cls].sum(), x)  # samples are independent in eval mode
             out.append(g.flatten(1))
     return torch.cat(out)
@@ -113,9 +122,11 @@ class ToyResidual(nn.Module):
 
 def toy_factory(kind: str):
     """A model factory for the registry (input flattened; scalar in and out by default)."""
+
     def factory(in_channels: int = 1, num_classes: int = 1, image_size: int | None = None) -> nn.Module:
         features = in_channels * (image_size or 1) ** 2
         return ToyPlain(features, num_classes) if kind == "plain" else ToyResidual(features, num_classes)
+
     return factory
 
 

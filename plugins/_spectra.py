@@ -145,8 +145,13 @@ def fit_power_law(evals: torch.Tensor) -> PowerLawFit | None:
         # (whose own objective, D − 0.868/√n, only decides its intermediate choice)
         best = int(torch.argmin(D))
     a = float(alpha[best])
-    return PowerLawFit(alpha=a, xmin=float(x[best]), D=float(D[best]), sigma=(a - 1) / math.sqrt(n_all - best),
-                       n_tail=int(n_all - best))
+    return PowerLawFit(
+        alpha=a,
+        xmin=float(x[best]),
+        D=float(D[best]),
+        sigma=(a - 1) / math.sqrt(n_all - best),
+        n_tail=int(n_all - best),
+    )
 
 
 def _ks_distances(logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -167,8 +172,9 @@ def _ks_distances(logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor) -> t
     return out
 
 
-def _ks_exact(logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor, cands: torch.Tensor,
-              stride: int = 1) -> torch.Tensor:
+def _ks_exact(
+    logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor, cands: torch.Tensor, stride: int = 1
+) -> torch.Tensor:
     """max over the tail's eigenvalues (every ``stride``-th of them, and the largest) of |F_fit − F_emp| for
     the candidate cut-offs ``cands`` (ascending), in chunks, in place."""
     n_all = len(logx)
@@ -179,7 +185,7 @@ def _ks_exact(logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor, cands: t
     out = torch.ones(len(cands), dtype=torch.float64)
     step = max(1, _CHUNK // len(cols))
     for lo in range(0, len(cands), step):
-        i = cands[lo: lo + step]
+        i = cands[lo : lo + step]
         first = int(torch.searchsorted(cols, i[0]))  # columns before the first candidate are in no tail
         a, inv_n = alpha[i], 1.0 / n[i]
         gap = lx[None, first:] - logx[i, None]  # ln(x_k / x_i), ≥ 0 on the tail
@@ -188,7 +194,7 @@ def _ks_exact(logx: torch.Tensor, alpha: torch.Tensor, n: torch.Tensor, cands: t
         gap.abs_()
         gap.masked_fill_(k[None, first:] < i[:, None].double(), 0)  # k < i: not in the tail
         d = gap.max(1).values
-        out[lo: lo + step] = torch.where(a > 1, d, torch.ones_like(d))
+        out[lo : lo + step] = torch.where(a > 1, d, torch.ones_like(d))
     return out
 
 
@@ -204,8 +210,9 @@ def _small_fallback(x: torch.Tensor, logx: torch.Tensor, alpha: torch.Tensor, D:
         D[0] = 1.0
 
 
-def spectrum(name: str, weight: torch.Tensor, min_evals: int = 8, max_evals: int = 15000,
-             dtype: torch.dtype = torch.float32) -> tuple[LayerSpectrum | None, str | None]:
+def spectrum(
+    name: str, weight: torch.Tensor, min_evals: int = 8, max_evals: int = 15000, dtype: torch.dtype = torch.float32
+) -> tuple[LayerSpectrum | None, str | None]:
     """The spectrum of a layer's ``weight``, or ``(None, reason)`` when WeightWatcher's size rules leave it
     out (fewer than ``min_evals`` or more than ``max_evals`` eigenvalues)."""
     w = weight

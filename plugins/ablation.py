@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from resinspect import Section, capture, is_batchnorm, eval_mode, hookimpl, pyplot, residual_blocks
+from resinspect import Section, capture, eval_mode, hookimpl, is_batchnorm, no_blocks_reason, pyplot, residual_blocks
 from resinspect_plugins._lesion import Lesion, LesionStats, applied_lesion, lesion_sweep
 
 NAME = "ablation"
@@ -44,25 +45,46 @@ ensemble-of-paths argument is docs/residual-learning.md, section "An ensemble of
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("samples", int, 0, "test images to evaluate (0: the whole test set)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("k_max", int, 8, "largest number of blocks bypassed together in the random-subset study "
-                "(capped at the number of blocks; 0 skips it)", check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("subsets", int, 5, "random subsets per k", check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("samples", int, 0, "test images to evaluate (0: the whole test set)", bounds="[0, 100_000_000]")
+    options.add(
+        "k_max",
+        int,
+        8,
+        "largest number of blocks bypassed together in the random-subset study "
+        "(capped at the number of blocks; 0 skips it)",
+        bounds="[0, 1000]",
+    )
+    options.add("subsets", int, 5, "random subsets per k", bounds="[1, 1000]")
     options.add("skip_removal", bool, True, "also remove each block's skip connection in turn")
-    options.add("bn_recalibrate", bool, True, "also evaluate each single-block lesion after re-estimating "
-                "BatchNorm statistics with the lesion in place (one extra pass per block)")
-    options.add("bn_batches", int, 4, "training batches used to re-estimate BatchNorm statistics",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("critical_points", float, 5.0, "accuracy cost (points) from which a block counts as critical",
-                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add(
+        "bn_recalibrate",
+        bool,
+        True,
+        "also evaluate each single-block lesion after re-estimating "
+        "BatchNorm statistics with the lesion in place (one extra pass per block)",
+    )
+    options.add("bn_batches", int, 4, "training batches used to re-estimate BatchNorm statistics", bounds="[1, 10_000]")
+    options.add(
+        "critical_points", float, 5.0, "accuracy cost (points) from which a block counts as critical", bounds="[0, 100]"
+    )
     options.add("fast", bool, True, "share the clean pass's block outputs between lesions (same results)")
-    options.add("pair_blocks", int, 32, "pairwise lesions: every pair among the first this many "
-                "non-downsampling blocks (0 skips the pairwise study)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("independent_points", float, 1.0, "blocks count as acting independently when the median "
-                "|interaction| of a pair is below this many accuracy points (or a quarter of the median pair "
-                "cost, whichever is larger)", check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add(
+        "pair_blocks",
+        int,
+        32,
+        "pairwise lesions: every pair among the first this many non-downsampling blocks (0 skips the pairwise study)",
+        bounds="[0, 128]",
+        cost=lambda v: f"up to {v * (v - 1) // 2:,} lesioned passes over the test images",
+    )
+    options.add(
+        "independent_points",
+        float,
+        1.0,
+        "blocks count as acting independently when the median "
+        "|interaction| of a pair is below this many accuracy points (or a quarter of the median pair "
+        "cost, whichever is larger)",
+        bounds="[0, 100]",
+    )
 
 
 @contextmanager
@@ -104,13 +126,14 @@ def _sweep(ctx, model, blocks, lesions, opts, desc: str, fast: bool) -> tuple[Le
 
 def _recalibrated_sweep(ctx, model, blocks, lesions, opts) -> list[LesionStats]:
     """Each lesion evaluated after re-estimating BN statistics with the lesion in place (per-lesion passes)."""
-    train = list(ctx.train_batches(opts["bn_batches"]))
+    train = list(ctx.train_batches(opts["bn_batches"] * (ctx.train_loader.batch_size or 64)))
     stats = {}
     # independent units of work: under torchrun each rank re-estimates and evaluates its share of the lesions
     for i, lesion in ctx.progress(ctx.split(list(enumerate(lesions))), desc="lesions with BN re-estimated"):
         with applied_lesion(model, blocks, lesion), _recalibrated(model, train):
-            stats[i] = lesion_sweep(model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())],
-                                    fast=False)[1][0]
+            stats[i] = lesion_sweep(
+                model, ctx.test_batches(opts["samples"]), blocks, [Lesion(lesion.mode, ())], fast=False
+            )[1][0]
     if ctx.world_size > 1:
         stats = {i: s for part in ctx.all_gather(stats) for i, s in part.items()}
     return [stats[i] for i in range(len(lesions))]
@@ -130,8 +153,11 @@ def _plain_layer_pairs(twin: nn.Module, names: list[str], probe: torch.Tensor) -
             continue
     with capture(candidates, first_only=True) as seen, torch.no_grad():
         twin(probe)
-    return [(n, m) for n, m in candidates
-            if n in seen.outputs and tuple(seen.inputs[n].shape) == tuple(seen.outputs[n].shape)]
+    return [
+        (n, m)
+        for n, m in candidates
+        if n in seen.outputs and tuple(seen.inputs[n].shape) == tuple(seen.outputs[n].shape)
+    ]
 
 
 def _cost(clean: LesionStats, s: LesionStats) -> float:
@@ -141,14 +167,15 @@ def _cost(clean: LesionStats, s: LesionStats) -> float:
 @hookimpl
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
-    section = Section(title="Ablation: block lesions and skip removal", explanation=EXPLANATION,
-                      docs="explainer-paths")
+    section = Section(title="Ablation: block lesions and skip removal", explanation=EXPLANATION, docs="explainer-paths")
     section.key_metrics = ["median_lesion_cost_points", "max_lesion_cost_points"]
     model = ctx.model
     blocks = residual_blocks(model)
     if not blocks:
-        section.finding(f"Nothing to ablate: {ctx.model_name} has no residual blocks (a plain network, or a "
-                        "forward that never adds a module's input to a branch).", "info")
+        section.finding(
+            f"Nothing to ablate: {ctx.model_name} has no residual blocks ({no_blocks_reason(blocks)}).",
+            "warning" if blocks.untraced else "info",
+        )
         section.metrics["blocks"] = 0
         return section
     with eval_mode(model):
@@ -167,7 +194,7 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
         k_lesions[k] = [Lesion("bypass", tuple(sorted(rng.sample(range(n), k)))) for _ in range(opts["subsets"])]
         lesions += k_lesions[k]
     regular = [i for i, b in enumerate(blocks) if not b.downsamples][: opts["pair_blocks"]]
-    pair_lesions = [Lesion("bypass", (i, j)) for a, i in enumerate(regular) for j in regular[a + 1:]]
+    pair_lesions = [Lesion("bypass", (i, j)) for a, i in enumerate(regular) for j in regular[a + 1 :]]
     lesions += pair_lesions
     clean, stats = _sweep(ctx, model, blocks, lesions, opts, "lesion sweep (batches)", fast=opts["fast"])
     by_lesion = dict(zip(lesions, stats))
@@ -199,8 +226,9 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
         columns.append("cost, BN re-estimated")
     if skip:
         columns += ["acc. skip removed", "skip cost (points)"]
-    section.table(f"Single-block lesions (clean accuracy {clean.accuracy:.2%} on {clean.count} test images)",
-                  columns, rows)
+    section.table(
+        f"Single-block lesions (clean accuracy {clean.accuracy:.2%} on {clean.count} test images)", columns, rows
+    )
     costs = [_cost(clean, s) for s in single]
     section.block_column("lesion cost (points)", {b.name: c for b, c in zip(blocks, costs)})
     if skip:
@@ -209,33 +237,40 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     m["median_lesion_cost_points"] = statistics.median(plain_costs)
     m["max_lesion_cost_points"] = max(costs)
     if recal:
-        regular_recal = [_cost(clean, r) for r, b in zip(recal, blocks) if not b.downsamples] or \
-            [_cost(clean, r) for r in recal]
+        regular_recal = [_cost(clean, r) for r, b in zip(recal, blocks) if not b.downsamples] or [
+            _cost(clean, r) for r in recal
+        ]
         m["median_lesion_cost_bn_points"] = statistics.median(regular_recal)
     if skip:
         m["median_skip_removal_cost_points"] = statistics.median(_cost(clean, s) for s in skip)
 
     k_curve = []
     for k, ls in k_lesions.items():
-        accs = [by_lesion[l].accuracy for l in ls]
+        accs = [by_lesion[lesion].accuracy for lesion in ls]
         mean = statistics.fmean(accs)
         sd = statistics.pstdev(accs)
         k_curve.append((k, mean, sd, min(accs), max(accs)))
         m[f"k/{k}/mean_accuracy"], m[f"k/{k}/std_accuracy"] = mean, sd
         ctx.log_scalar("k_mean_accuracy", mean, k)
     if k_curve:
-        section.table("Bypassing k random blocks together", ["k", "mean acc.", "std", "min", "max"],
-                      [list(r) for r in k_curve], caption=f"{opts['subsets']} random subsets per k, seed {ctx.seed}.")
+        section.table(
+            "Bypassing k random blocks together",
+            ["k", "mean acc.", "std", "min", "max"],
+            [list(r) for r in k_curve],
+            caption=f"{opts['subsets']} random subsets per k, seed {ctx.seed}.",
+        )
 
     if pair_lesions:
         _pairwise(section, blocks, regular, clean, costs, by_lesion, opts)
     plain = _plain_comparison(ctx, blocks, opts)
     if plain is not None:
         m.update(plain["metrics"])
-        section.table(f"Plain twin ({ctx.label('twin')}): each layer pair replaced by the identity",
-                      ["layer pair", "acc. removed", "cost (points)"]
-                      + (["cost, BN re-estimated"] if plain["recal"] else []), plain["rows"],
-                      caption=f"Clean accuracy of the twin: {plain['clean'].accuracy:.2%}.")
+        section.table(
+            f"Plain twin ({ctx.label('twin')}): each layer pair replaced by the identity",
+            ["layer pair", "acc. removed", "cost (points)"] + (["cost, BN re-estimated"] if plain["recal"] else []),
+            plain["rows"],
+            caption=f"Clean accuracy of the twin: {plain['clean'].accuracy:.2%}.",
+        )
     _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts)
     _figures(section, blocks, clean, single, skip, k_curve, plain)
     return section
@@ -263,8 +298,14 @@ def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:
     metrics["plain_median_cost_points"] = statistics.median(r[2] for r in rows)
     if recal:
         metrics["plain_median_cost_bn_points"] = statistics.median(r[3] for r in rows)
-    return {"rows": rows, "metrics": metrics, "clean": clean, "names": [n for n, _ in pairs],
-            "accuracy": {n: s.accuracy for (n, _), s in zip(pairs, stats)}, "recal": recal is not None}
+    return {
+        "rows": rows,
+        "metrics": metrics,
+        "clean": clean,
+        "names": [n for n, _ in pairs],
+        "accuracy": {n: s.accuracy for (n, _), s in zip(pairs, stats)},
+        "recal": recal is not None,
+    }
 
 
 def _pairwise(section, blocks, regular, clean, costs, by_lesion, opts) -> None:
@@ -283,33 +324,56 @@ def _pairwise(section, blocks, regular, clean, costs, by_lesion, opts) -> None:
     upper = np.triu_indices(n, 1)
     pair_costs, interactions = pair[upper], inter[upper]
     m = section.metrics
-    m.update({"pairs": len(pair_costs), "pair_median_cost_points": float(np.median(pair_costs)),
-              "pair_median_sum_of_singles_points": float(np.median(pair_costs - interactions)),
-              "pair_median_interaction_points": float(np.median(interactions)),
-              "pair_median_abs_interaction_points": float(np.median(np.abs(interactions)))})
+    m.update(
+        {
+            "pairs": len(pair_costs),
+            "pair_median_cost_points": float(np.median(pair_costs)),
+            "pair_median_sum_of_singles_points": float(np.median(pair_costs - interactions)),
+            "pair_median_interaction_points": float(np.median(interactions)),
+            "pair_median_abs_interaction_points": float(np.median(np.abs(interactions))),
+        }
+    )
     order = np.argsort(-np.abs(interactions))[:8]
     names = [blocks[i].name for i in regular]
-    section.table("Pairwise lesions: the most interacting pairs", ["block", "block", "pair cost (points)",
-                  "sum of single costs", "interaction"],
-                  [[names[upper[0][t]], names[upper[1][t]], float(pair_costs[t]),
-                    float(pair_costs[t] - interactions[t]), float(interactions[t])] for t in order],
-                  caption=f"{len(pair_costs)} pairs of non-downsampling blocks; interaction = pair cost − the two "
-                          "single-block costs (0: the two blocks act independently).")
+    section.table(
+        "Pairwise lesions: the most interacting pairs",
+        ["block", "block", "pair cost (points)", "sum of single costs", "interaction"],
+        [
+            [
+                names[upper[0][t]],
+                names[upper[1][t]],
+                float(pair_costs[t]),
+                float(pair_costs[t] - interactions[t]),
+                float(interactions[t]),
+            ]
+            for t in order
+        ],
+        caption=f"{len(pair_costs)} pairs of non-downsampling blocks; interaction = pair cost − the two "
+        "single-block costs (0: the two blocks act independently).",
+    )
     singles = m["pair_median_sum_of_singles_points"]
     threshold = max(opts["independent_points"], 0.25 * abs(singles))
     independent = m["pair_median_abs_interaction_points"] <= threshold
     direction = "more" if m["pair_median_interaction_points"] > 0 else "less"
-    summary = (f"Removing two blocks costs a median {m['pair_median_cost_points']:.1f} points against "
-               f"{singles:.1f} for the two removals' single costs added up (median |interaction| "
-               f"{m['pair_median_abs_interaction_points']:.1f} points over {len(pair_costs)} pairs)")
+    summary = (
+        f"Removing two blocks costs a median {m['pair_median_cost_points']:.1f} points against "
+        f"{singles:.1f} for the two removals' single costs added up (median |interaction| "
+        f"{m['pair_median_abs_interaction_points']:.1f} points over {len(pair_costs)} pairs)"
+    )
     if float(np.max(np.abs(pair_costs))) < opts["independent_points"]:
-        section.finding(summary + ": no pair costs measurable accuracy here, so the test says nothing about "
-                        "interactions.", "info")
+        section.finding(
+            summary + ": no pair costs measurable accuracy here, so the test says nothing about interactions.", "info"
+        )
     else:
-        section.finding(summary + (": the blocks act nearly independently, as members of an ensemble would."
-                                   if independent else
-                                   f": the blocks interact — removing two typically costs {direction} than the "
-                                   "sum of removing each."), "good" if independent else "info")
+        section.finding(
+            summary
+            + (
+                ": the blocks act nearly independently, as members of an ensemble would."
+                if independent
+                else f": the blocks interact — removing two typically costs {direction} than the sum of removing each."
+            ),
+            "good" if independent else "info",
+        )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.5, 0.28 * n + 2.5), max(3.8, 0.28 * n + 1.8)))
     vmax = max(float(np.nanmax(np.abs(inter))), 1e-9)
@@ -318,51 +382,75 @@ def _pairwise(section, blocks, regular, clean, costs, by_lesion, opts) -> None:
     ax.set_yticks(range(n), names, fontsize=6)
     ax.set(title="Pair cost − sum of single costs (points)")
     fig.colorbar(im, ax=ax)
-    section.figure(fig, "Pairwise lesion interaction", "Red: removing the two blocks together costs more than "
-                   "removing each alone, added up; blue: less; white: they act independently (Veit et al.'s "
-                   "ensemble view predicts white).")
+    section.figure(
+        fig,
+        "Pairwise lesion interaction",
+        "Red: removing the two blocks together costs more than "
+        "removing each alone, added up; blue: less; white: they act independently (Veit et al.'s "
+        "ensemble view predicts white).",
+    )
 
 
 def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) -> None:
     m = section.metrics
     critical = [(b, c) for b, c in zip(blocks, costs) if c >= opts["critical_points"]]
     if critical:
-        listed = ", ".join(f"{b.name} ({c:.1f} points{', downsampling' if b.downsamples else ''})"
-                           for b, c in sorted(critical, key=lambda t: -t[1])[:8])
+        listed = ", ".join(
+            f"{b.name} ({c:.1f} points{', downsampling' if b.downsamples else ''})"
+            for b, c in sorted(critical, key=lambda t: -t[1])[:8]
+        )
         more = f" and {len(critical) - 8} more" if len(critical) > 8 else ""
-        section.finding(f"Critical blocks (bypassing one costs ≥ {opts['critical_points']:g} points): {listed}{more}.",
-                        "warning")
+        section.finding(
+            f"Critical blocks (bypassing one costs ≥ {opts['critical_points']:g} points): {listed}{more}.", "warning"
+        )
     else:
-        section.finding(f"No single block is critical: bypassing any one of the {len(blocks)} blocks costs less "
-                        f"than {opts['critical_points']:g} accuracy points (worst: {max(costs):.1f}).", "good")
+        section.finding(
+            f"No single block is critical: bypassing any one of the {len(blocks)} blocks costs less "
+            f"than {opts['critical_points']:g} accuracy points (worst: {max(costs):.1f}).",
+            "good",
+        )
     if any(not b.downsamples for b in blocks):
         med = m["median_lesion_cost_points"]
-        text = (f"Bypassing one non-downsampling block costs a median {med:.1f} points (from {clean.accuracy:.1%})")
+        text = f"Bypassing one non-downsampling block costs a median {med:.1f} points (from {clean.accuracy:.1%})"
         if "median_lesion_cost_bn_points" in m:
-            text += (f", and {m['median_lesion_cost_bn_points']:.1f} points once BatchNorm statistics are "
-                     "re-estimated with the block removed")
+            text += (
+                f", and {m['median_lesion_cost_bn_points']:.1f} points once BatchNorm statistics are "
+                "re-estimated with the block removed"
+            )
         small = min(med, m.get("median_lesion_cost_bn_points", med)) < 2.0
-        text += (": most blocks are dispensable one at a time, as the ensemble-of-paths view predicts."
-                 if small else ": here single blocks still matter; deeper or longer-trained ResNets usually "
-                 "depend less on any one block.")
+        text += (
+            ": most blocks are dispensable one at a time, as the ensemble-of-paths view predicts."
+            if small
+            else ": here single blocks still matter; deeper or longer-trained ResNets usually "
+            "depend less on any one block."
+        )
         section.finding(text, "good" if small else "info")
     if skip:
-        section.finding(f"Removing a skip connection instead (keeping only the branch) costs a median "
-                        f"{m['median_skip_removal_cost_points']:.1f} points: compare with the bypass cost above to "
-                        "see which path carries the signal.", "info")
+        section.finding(
+            f"Removing a skip connection instead (keeping only the branch) costs a median "
+            f"{m['median_skip_removal_cost_points']:.1f} points: compare with the bypass cost above to "
+            "see which path carries the signal.",
+            "info",
+        )
     if len(k_curve) >= 2:
         means = [r[1] for r in k_curve]
         drops = [(clean.accuracy if i == 0 else means[i - 1]) - means[i] for i in range(len(means))]
         total = clean.accuracy - means[-1]
         biggest = max(range(len(drops)), key=drops.__getitem__)
         cliff = total > 0.05 and drops[biggest] > 0.5 * total and len(drops) > 2
-        shape = (f"falls off a cliff at k={k_curve[biggest][0]}" if cliff else "degrades smoothly")
-        section.finding(f"Bypassing k random blocks together, accuracy {shape}: "
-                        + ", ".join(f"k={k}: {mu:.1%}" for k, mu, *_ in k_curve) + ".",
-                        "warning" if cliff else "info")
+        shape = f"falls off a cliff at k={k_curve[biggest][0]}" if cliff else "degrades smoothly"
+        section.finding(
+            f"Bypassing k random blocks together, accuracy {shape}: "
+            + ", ".join(f"k={k}: {mu:.1%}" for k, mu, *_ in k_curve)
+            + ".",
+            "warning" if cliff else "info",
+        )
     if plain is not None and any(not b.downsamples for b in blocks):
-        key = "median_lesion_cost_bn_points" if plain["recal"] and "median_lesion_cost_bn_points" in m \
+        key = (
+            "median_lesion_cost_bn_points"
+            if plain["recal"] and "median_lesion_cost_bn_points" in m
             else "median_lesion_cost_points"
+        )
         pkey = "plain_median_cost_bn_points" if key.endswith("bn_points") else "plain_median_cost_points"
         how = " (BatchNorm re-estimated)" if key.endswith("bn_points") else ""
         res_med, plain_med = m[key], plain["metrics"][pkey]
@@ -372,13 +460,17 @@ def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) ->
                 f"Residual vs plain: the plain twin {ctx.label('twin')} barely learned ({plain['clean'].accuracy:.1%} "
                 f"test accuracy, chance {chance:.0%}) while {ctx.model_name} reached {clean.accuracy:.1%}: the "
                 "degradation problem itself. With so little learned, removing its layers has little left to "
-                f"destroy (median cost {plain_med:.1f} points), so the lesion comparison says little here.", "warning")
+                f"destroy (median cost {plain_med:.1f} points), so the lesion comparison says little here.",
+                "warning",
+            )
             return
         section.finding(
             f"Residual vs plain{how}: bypassing one block of {ctx.model_name} costs a median {res_med:.1f} points, "
-            f"removing the same layer pair from its plain twin {ctx.label('twin')} costs a median {plain_med:.1f} points "
+            f"removing the same layer pair from its plain twin {ctx.label('twin')} costs a median "
+            f"{plain_med:.1f} points "
             f"(intact accuracies {clean.accuracy:.1%} and {plain['clean'].accuracy:.1%}).",
-            "good" if plain_med > res_med else "info")
+            "good" if plain_med > res_med else "info",
+        )
 
 
 def _figures(section, blocks, clean, single, skip, k_curve, plain) -> None:
@@ -389,11 +481,21 @@ def _figures(section, blocks, clean, single, skip, k_curve, plain) -> None:
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 3.6))
     width = 0.4 if skip else 0.7
-    ax.bar(x - (width / 2 if skip else 0), [100 * (clean.accuracy - s.accuracy) for s in single], width,
-           label="block bypassed", color="#2c5aa0")
+    ax.bar(
+        x - (width / 2 if skip else 0),
+        [100 * (clean.accuracy - s.accuracy) for s in single],
+        width,
+        label="block bypassed",
+        color="#2c5aa0",
+    )
     if skip:
-        ax.bar(x + width / 2, [100 * (clean.accuracy - s.accuracy) for s in skip], width, label="skip removed",
-               color="#c0504d")
+        ax.bar(
+            x + width / 2,
+            [100 * (clean.accuracy - s.accuracy) for s in skip],
+            width,
+            label="skip removed",
+            color="#c0504d",
+        )
     for i, b in enumerate(blocks):
         if b.downsamples:
             ax.axvspan(i - 0.5, i + 0.5, color="#999", alpha=0.15, lw=0)
@@ -401,8 +503,11 @@ def _figures(section, blocks, clean, single, skip, k_curve, plain) -> None:
     ax.set_ylabel("accuracy cost (points)")
     ax.set_title("Cost of each single lesion (grey: downsampling blocks)")
     ax.legend()
-    section.figure(fig, "Single-block lesions", "Accuracy lost when one block is bypassed (blue) or loses its "
-                   "skip (red), relative to the intact network.")
+    section.figure(
+        fig,
+        "Single-block lesions",
+        "Accuracy lost when one block is bypassed (blue) or loses its skip (red), relative to the intact network.",
+    )
     if k_curve:
         ks = [r[0] for r in k_curve]
         mean = np.array([r[1] for r in k_curve])
@@ -410,22 +515,36 @@ def _figures(section, blocks, clean, single, skip, k_curve, plain) -> None:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         ax.plot([0] + ks, [clean.accuracy] + list(mean), marker="o", color="#2c5aa0", label="mean")
         ax.fill_between(ks, mean - sd, mean + sd, alpha=0.25, color="#2c5aa0", label="± 1 std")
-        ax.fill_between(ks, [r[3] for r in k_curve], [r[4] for r in k_curve], alpha=0.1, color="#2c5aa0",
-                        label="min–max")
-        ax.set(xlabel="blocks bypassed together (k)", ylabel="test accuracy", ylim=(0, 1.02),
-               title="Accuracy vs number of bypassed blocks")
+        ax.fill_between(
+            ks, [r[3] for r in k_curve], [r[4] for r in k_curve], alpha=0.1, color="#2c5aa0", label="min–max"
+        )
+        ax.set(
+            xlabel="blocks bypassed together (k)",
+            ylabel="test accuracy",
+            ylim=(0, 1.02),
+            title="Accuracy vs number of bypassed blocks",
+        )
         ax.legend()
         section.figure(fig, "Bypassing k random blocks", "Mean, spread and range over random subsets of k blocks.")
     if plain is not None:
         fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 3.6))
         ax.plot(x, [s.accuracy for s in single], marker="o", label="residual: block bypassed")
         px = [names.index(n) for n in plain["names"]]
-        ax.plot(px, [plain["accuracy"][n] for n in plain["names"]], marker="s", ls="--",
-                label="plain twin: layer pair removed")
+        ax.plot(
+            px,
+            [plain["accuracy"][n] for n in plain["names"]],
+            marker="s",
+            ls="--",
+            label="plain twin: layer pair removed",
+        )
         ax.axhline(clean.accuracy, color="#2c5aa0", lw=0.8, ls=":")
         ax.axhline(plain["clean"].accuracy, color="#c0504d", lw=0.8, ls=":")
         ax.set_xticks(x, names, rotation=70, fontsize=7)
         ax.set(ylabel="test accuracy", ylim=(0, 1.02), title="Residual vs plain: one lesion at a time")
         ax.legend()
-        section.figure(fig, "Residual vs plain", "Test accuracy after removing one block (residual) or the same "
-                       "layer pair (plain twin); dotted lines: intact accuracies.")
+        section.figure(
+            fig,
+            "Residual vs plain",
+            "Test accuracy after removing one block (residual) or the same "
+            "layer pair (plain twin); dotted lines: intact accuracies.",
+        )

@@ -7,12 +7,13 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from resinspect import Section, eval_mode, hookimpl, on_forward, pyplot, residual_blocks
+from resinspect import Section, eval_mode, hookimpl, no_blocks_reason, on_forward, pyplot, residual_blocks
 
 NAME = "activations"
 
@@ -35,12 +36,17 @@ module used twice in a block is counted per use, #0 and #1)."""
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("samples", int, 0, "test images to use (0: the whole test set)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("identity_threshold", float, 0.1, "blocks with ||F(x)||/||x|| below this count as close to "
-                "the identity", check=lambda v: "must be > 0" if v <= 0 else None)
-    options.add("dead_threshold", float, 0.5, "layers with more than this fraction of dead units are reported",
-                check=lambda v: "must be in (0, 1]" if not 0 < v <= 1 else None)
+    options.add("samples", int, 0, "test images to use (0: the whole test set)", bounds="[0, 100_000_000]")
+    options.add(
+        "identity_threshold",
+        float,
+        0.1,
+        "blocks with ||F(x)||/||x|| below this count as close to the identity",
+        bounds="(0, 1000]",
+    )
+    options.add(
+        "dead_threshold", float, 0.5, "layers with more than this fraction of dead units are reported", bounds="(0, 1]"
+    )
 
 
 @dataclass
@@ -81,13 +87,20 @@ class ChannelMoments:
         self.squares = q if self.squares is None else self.squares + q
         self.count += t.numel() // t.shape[1]
 
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.total is None or self.squares is None:
+            raise ValueError("no activations were added")
+        return self.total, self.squares
+
     def mean_sq_channel_mean(self) -> float:
-        mean = self.total / self.count
+        total, _ = self._sums()
+        mean = total / self.count
         return (mean * mean).mean().item()
 
     def avg_channel_var(self) -> float:
-        mean = self.total / self.count
-        return (self.squares / self.count - mean * mean).clamp_min(0).mean().item()
+        total, squares = self._sums()
+        mean = total / self.count
+        return (squares / self.count - mean * mean).clamp_min(0).mean().item()
 
 
 @dataclass
@@ -102,7 +115,7 @@ class Stats:
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """BatchNorm2d modules that directly follow a 3×3 convolution in their parent (registration order)."""
-    found = []
+    found: list[tuple[str, nn.Module]] = []
     for parent_name, parent in model.named_modules():
         children = list(parent.named_children())
         for (_, prev), (name, mod) in zip(children, children[1:]):
@@ -150,8 +163,11 @@ def collect(model: nn.Module, batches, with_blocks: bool = True) -> Stats:
 
     by_name = {b.name: b for b in blocks}
     relus = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ReLU)]
-    with on_forward(response_layers(model), response_hook), on_forward(blocks, block_hook), \
-            on_forward(relus, relu_hook):
+    with (
+        on_forward(response_layers(model), response_hook),
+        on_forward(blocks, block_hook),
+        on_forward(relus, relu_hook),
+    ):
         for x, _ in batches:
             relu_calls.clear()
             model(x)
@@ -186,7 +202,7 @@ def _at_init(ctx, role: str, model: nn.Module, limit: int) -> Stats | None:
 
 
 @hookimpl
-def resinspect_analyze(ctx) -> list[Section]:
+def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Activations", explanation=EXPLANATION, docs="explainer-responses")
     s.key_metrics = ["branch_ratio_median", "model/response_std_mean"]
@@ -197,8 +213,8 @@ def resinspect_analyze(ctx) -> list[Section]:
     names = list(resp["model"])
     if names:
         cols = ["layer", f"std ({labels['model']})"] + ([f"std ({labels['twin']})"] if "twin" in resp else [])
-        rows = [[n, resp["model"][n]] + ([resp["twin"].get(n, float("nan"))] if "twin" in resp else []) for n in names]
-        s.table("Response strength: std of each 3×3 conv's output after BN", cols, rows)
+        table = [[n, resp["model"][n]] + ([resp["twin"].get(n, float("nan"))] if "twin" in resp else []) for n in names]
+        s.table("Response strength: std of each 3×3 conv's output after BN", cols, table)
         for role, r in resp.items():
             s.metrics[f"{role}/response_std_mean"] = float(np.mean(list(r.values())))
         if "twin" in resp and resp["twin"]:
@@ -206,20 +222,27 @@ def resinspect_analyze(ctx) -> list[Section]:
             rm = float(np.mean([resp["model"][n] for n in shared]))
             pm = float(np.mean([resp["twin"][n] for n in shared]))
             ratio = rm / pm
-            verdict = ("smaller with shortcuts, as He et al. (2016) found" if ratio < 0.9 else
-                       "larger with shortcuts, unlike He et al. (2016)" if ratio > 1.1 else
-                       "about the same (He et al. saw smaller residual responses after long training, as the "
-                       "BatchNorm scales shrink)")
+            verdict = (
+                "smaller with shortcuts, as He et al. (2016) found"
+                if ratio < 0.9
+                else "larger with shortcuts, unlike He et al. (2016)"
+                if ratio > 1.1
+                else "about the same (He et al. saw smaller residual responses after long training, as the "
+                "BatchNorm scales shrink)"
+            )
             s.metrics["response_ratio_residual_to_plain"] = ratio
-            s.finding(f"Response strength: the 3×3 layers of {labels['model']} respond with a mean std of {rm:.3f}, "
-                      f"those of its plain twin {labels['twin']} with {pm:.3f} over the same {len(shared)} layers "
-                      f"({ratio:.2f}×): {verdict}.", "good" if ratio < 0.9 else "info")
+            s.finding(
+                f"Response strength: the 3×3 layers of {labels['model']} respond with a mean std of {rm:.3f}, "
+                f"those of its plain twin {labels['twin']} with {pm:.3f} over the same {len(shared)} layers "
+                f"({ratio:.2f}×): {verdict}.",
+                "good" if ratio < 0.9 else "info",
+            )
     # blocks
     st = stats["model"]
     blocks = residual_blocks(ctx.model)
     if blocks and st.images:
         init = _at_init(ctx, "model", ctx.model, opts["samples"])
-        rows = []
+        rows: list[list[Any]] = []
         for b in blocks:
             ratio = st.ratio_sum[b.name] / st.images
             cos = st.cos_sum[b.name] / st.images
@@ -238,16 +261,27 @@ def resinspect_analyze(ctx) -> list[Section]:
         s.table("Residual blocks: branch size, alignment and signal propagation", cols, rows)
         near = [(b.name, r[1]) for b, r in zip(blocks, rows) if r[1] < opts["identity_threshold"]]
         if near:
-            s.finding(f"Blocks close to the identity (‖F(x)‖/‖x‖ < {opts['identity_threshold']:g}): "
-                      + ", ".join(f"{n} ({v:.3f})" for n, v in near[:8]) + ".", "info")
+            s.finding(
+                f"Blocks close to the identity (‖F(x)‖/‖x‖ < {opts['identity_threshold']:g}): "
+                + ", ".join(f"{n} ({v:.3f})" for n, v in near[:8])
+                + ".",
+                "info",
+            )
         else:
-            s.finding(f"No block is close to the identity: ‖F(x)‖/‖x‖ ranges from {min(r[1] for r in rows):.3f} to "
-                      f"{max(r[1] for r in rows):.3f}.", "info")
+            s.finding(
+                f"No block is close to the identity: ‖F(x)‖/‖x‖ ranges from {min(r[1] for r in rows):.3f} to "
+                f"{max(r[1] for r in rows):.3f}.",
+                "info",
+            )
         s.metrics["branch_ratio_median"] = float(np.median([r[1] for r in rows]))
         s.block_column("||F(x)||/||x||", {b.name: r[1] for b, r in zip(blocks, rows)})
         _figures(s, blocks, rows, init is not None, resp, labels)
     elif not blocks:
-        s.finding(f"{ctx.model_name} has no residual blocks: no branch ratios or residual-stream statistics.", "info")
+        s.finding(
+            f"{ctx.model_name} has no residual blocks ({no_blocks_reason(blocks)}): no branch ratios or "
+            "residual-stream statistics.",
+            "warning" if getattr(blocks, "untraced", None) else "info",
+        )
         _figures(s, [], [], False, resp, labels)
     # dead units
     for role, stt in stats.items():
@@ -255,15 +289,24 @@ def resinspect_analyze(ctx) -> list[Section]:
         if not dead:
             continue
         s.metrics[f"{role}/dead_relu_fraction_max"] = max(dead.values())
-        s.table(f"Dead ReLU units: {labels[role]}", ["ReLU (use)", "channels", "dead fraction"],
-                [[k, len(stt.relu_max[k]), v] for k, v in dead.items()])
+        s.table(
+            f"Dead ReLU units: {labels[role]}",
+            ["ReLU (use)", "channels", "dead fraction"],
+            [[k, len(stt.relu_max[k]), v] for k, v in dead.items()],
+        )
         bad = [(k, v) for k, v in dead.items() if v > opts["dead_threshold"]]
         if bad:
-            s.finding(f"{labels[role]}: {len(bad)} ReLU layer(s) with more than {opts['dead_threshold']:.0%} dead "
-                      "channels: " + ", ".join(f"{k} ({v:.0%})" for k, v in bad[:6]) + ".", "warning")
+            s.finding(
+                f"{labels[role]}: {len(bad)} ReLU layer(s) with more than {opts['dead_threshold']:.0%} dead "
+                "channels: " + ", ".join(f"{k} ({v:.0%})" for k, v in bad[:6]) + ".",
+                "warning",
+            )
         else:
-            s.finding(f"{labels[role]}: no dead ReLU layers (worst: {max(dead.values()):.0%} of channels never "
-                      "fire on the test set).", "good")
+            s.finding(
+                f"{labels[role]}: no dead ReLU layers (worst: {max(dead.values()):.0%} of channels never "
+                "fire on the test set).",
+                "good",
+            )
     return s
 
 
@@ -275,11 +318,18 @@ def _figures(s: Section, blocks, rows, has_init: bool, resp, labels) -> None:
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 3.6))
         for role, r in resp.items():
             ax.plot([r.get(n, np.nan) for n in names], marker="o", ms=3, label=labels[role])
-        ax.set(xlabel="3×3 layer index (input → output)", ylabel="std of response",
-               title="Response strength per layer (He et al. 2016, Fig. 7)")
+        ax.set(
+            xlabel="3×3 layer index (input → output)",
+            ylabel="std of response",
+            title="Response strength per layer (He et al. 2016, Fig. 7)",
+        )
         ax.legend()
-        s.figure(fig, "Response strength", "Standard deviation of each 3×3 conv's BN output over the test set; "
-                 "residual network and plain twin on the same layers.")
+        s.figure(
+            fig,
+            "Response strength",
+            "Standard deviation of each 3×3 conv's BN output over the test set; "
+            "residual network and plain twin on the same layers.",
+        )
     if rows:
         x = np.arange(len(rows))
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -297,5 +347,9 @@ def _figures(s: Section, blocks, rows, has_init: bool, resp, labels) -> None:
         b.set_xticks(x, [r[0] for r in rows], rotation=70, fontsize=7)
         b.set(yscale="log", title="Signal propagation of the residual stream")
         b.legend(fontsize=7)
-        s.figure(fig, "Residual blocks", "Left: relative size and alignment of each branch. Right: average "
-                 "channel variance and mean squared channel mean at each block's output (Brock et al. 2021).")
+        s.figure(
+            fig,
+            "Residual blocks",
+            "Left: relative size and alignment of each branch. Right: average "
+            "channel variance and mean squared channel mean at each block's output (Brock et al. 2021).",
+        )

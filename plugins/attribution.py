@@ -35,28 +35,35 @@ method whose maps barely change does not reflect what the model learned."""
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("methods", list, DEFAULT_METHODS, "attribution methods to run (gradcam: one map per residual stage)",
-                choices=list(METHODS), check=lambda v: "name at least one method" if not v else None)
-    options.add("images", int, 32, "test images to attribute and score",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("ig_steps", int, 32, "Integrated Gradients steps (and GradientShap samples)",
-                check=lambda v: "must be >= 2" if v < 2 else None)
-    options.add("internal_batch_size", int, 256, "images per forward pass inside captum",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("smoothgrad_samples", int, 16, "noisy samples per image for SmoothGrad",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("smoothgrad_std", float, 0.15, "noise std for SmoothGrad / GradientShap (input units)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("occlusion_window", int, 0, "occlusion patch size in pixels (0: a quarter of the image)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("curve_steps", int, 20, "steps of the deletion/insertion curves",
-                check=lambda v: "must be >= 2" if v < 2 else None)
+    options.add(
+        "methods",
+        list,
+        DEFAULT_METHODS,
+        "attribution methods to run (gradcam: one map per residual stage)",
+        choices=list(METHODS),
+        check=lambda v: "name at least one method" if not v else None,
+    )
+    options.add("images", int, 32, "test images to attribute and score", bounds="[1, 4096]")
+    options.add("ig_steps", int, 32, "Integrated Gradients steps (and GradientShap samples)", bounds="[2, 1024]")
+    options.add("internal_batch_size", int, 256, "images per forward pass inside captum", bounds="[1, 65536]")
+    options.add("smoothgrad_samples", int, 16, "noisy samples per image for SmoothGrad", bounds="[1, 1024]")
+    options.add(
+        "smoothgrad_std", float, 0.15, "noise std for SmoothGrad / GradientShap (input units)", bounds="[0, 1000]"
+    )
+    options.add(
+        "occlusion_window", int, 0, "occlusion patch size in pixels (0: a quarter of the image)", bounds="[0, 4096]"
+    )
+    options.add("curve_steps", int, 20, "steps of the deletion/insertion curves", bounds="[2, 1000]")
     options.add("sanity", bool, True, "run the cascading-randomisation sanity check")
-    options.add("sanity_images", int, 8, "images used by the sanity check",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("sanity_threshold", float, 0.5, "a method fails the sanity check if its maps still correlate "
-                "above this (Spearman) with the original after full randomisation",
-                check=lambda v: "must be in (-1, 1)" if not -1 < v < 1 else None)
+    options.add("sanity_images", int, 8, "images used by the sanity check", bounds="[1, 1024]")
+    options.add(
+        "sanity_threshold",
+        float,
+        0.5,
+        "a method fails the sanity check if its maps still correlate "
+        "above this (Spearman) with the original after full randomisation",
+        bounds="(-1, 1)",
+    )
 
 
 def _images(ctx, n: int):
@@ -81,8 +88,7 @@ def _cost(key: str, opts, x: torch.Tensor) -> float:
     return 1.0
 
 
-def _maps(model, methods, x, target, opts, ctx=None, seed: int = 0, desc: str | None = None
-          ) -> dict[str, torch.Tensor]:
+def _maps(model, methods, x, target, opts, ctx=None, seed: int = 0, desc: str | None = None) -> dict[str, torch.Tensor]:
     """Every method's maps, each drawn with its own random stream (``seed`` + its index: the same numbers
     whichever process computes it). Under torchrun (``ctx``) the methods are split across the ranks and the
     maps gathered."""
@@ -121,8 +127,9 @@ def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section
     rows, scores = [], {}
     every = list(maps.items()) + [("random (baseline)", random_map)]
     for name, m in ctx.progress(ctx.split(every), desc="deletion/insertion scoring"):
-        _, _, d_auc, i_auc = deletion_insertion(model, x, pred, m, steps=opts["curve_steps"],
-                                                batch_size=opts["internal_batch_size"])
+        _, _, d_auc, i_auc = deletion_insertion(
+            model, x, pred, m, steps=opts["curve_steps"], batch_size=opts["internal_batch_size"]
+        )
         sc = {"deletion_auc": d_auc.mean().item(), "insertion_auc": i_auc.mean().item()}
         if masks is not None:
             sc["pointing_game"] = pointing_game(m, masks).mean().item()
@@ -135,14 +142,19 @@ def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section
         for k, v in sc.items():
             s.metrics[f"{name}/{k}"] = v
         rows.append([name] + [sc[k] for k in sc])
-    cols = ["method", "deletion AUC ↓", "insertion AUC ↑"] + (["pointing game ↑", "share in mask ↑"] if masks is not None
-                                                              else [])
-    s.table(f"Faithfulness{' and localisation' if masks is not None else ''} on {len(y)} test images "
-            f"(model accuracy on them {float((pred == y).float().mean()):.0%})", cols, rows,
-            caption="Deletion/insertion: area under the target-class probability curve as pixels are removed / "
-                    "revealed in attribution order. Pointing game: fraction of images whose top pixel is on the "
-                    "object; chance equals the object's area fraction, "
-                    + (f"{masks.float().mean():.2f} here." if masks is not None else "n/a."))
+    cols = ["method", "deletion AUC ↓", "insertion AUC ↑"] + (
+        ["pointing game ↑", "share in mask ↑"] if masks is not None else []
+    )
+    s.table(
+        f"Faithfulness{' and localisation' if masks is not None else ''} on {len(y)} test images "
+        f"(model accuracy on them {float((pred == y).float().mean()):.0%})",
+        cols,
+        rows,
+        caption="Deletion/insertion: area under the target-class probability curve as pixels are removed / "
+        "revealed in attribution order. Pointing game: fraction of images whose top pixel is on the "
+        "object; chance equals the object's area fraction, "
+        + (f"{masks.float().mean():.2f} here." if masks is not None else "n/a."),
+    )
     if masks is not None:
         s.metrics["mask_area_fraction"] = masks.float().mean().item()
     sanity = _sanity(ctx, model, methods, x, pred, maps, opts, s) if opts["sanity"] else None
@@ -153,7 +165,7 @@ def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section
 
 def _randomisation_steps(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """Cumulative re-initialisation order: the head first, then residual blocks from the output backwards."""
-    steps = []
+    steps: list[tuple[str, list[nn.Module]]] = []
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linears:
         steps.append((linears[-1][0], [linears[-1][1]]))
@@ -170,8 +182,9 @@ def _reinit(modules: list[nn.Module], gen_seed: int) -> None:
     torch.manual_seed(gen_seed)
     for mod in modules:
         for sub in mod.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
             if is_batchnorm(sub):
                 sub.reset_running_stats()
                 with torch.no_grad():  # BN at its defaults would make random blocks near-identical; draw scales
@@ -195,11 +208,13 @@ def _sanity(ctx, model, methods, x, pred, maps, opts, s: Section) -> dict[str, l
                 rho[name].append(spearman(new[name].abs(), originals[name].abs()).mean().item())
     finally:
         torch.random.set_rng_state(cpu_state)
-    s.table("Sanity check: Spearman correlation with the original maps as layers are re-initialised",
-            ["method"] + [f"+{name}" for name, _ in steps],
-            [[name] + vals for name, vals in rho.items()],
-            caption="Cumulative, from the output backwards: each column re-initialises one more part. Maps that "
-                    "reflect the model decorrelate quickly.")
+    s.table(
+        "Sanity check: Spearman correlation with the original maps as layers are re-initialised",
+        ["method"] + [f"+{name}" for name, _ in steps],
+        [[name] + vals for name, vals in rho.items()],
+        caption="Cumulative, from the output backwards: each column re-initialises one more part. Maps that "
+        "reflect the model decorrelate quickly.",
+    )
     for name, vals in rho.items():
         s.metrics[f"{name}/sanity_final_spearman"] = vals[-1]
     _sanity_figure(s, steps, rho)
@@ -211,29 +226,43 @@ def _findings(s: Section, scores, has_masks: bool, sanity, opts) -> None:
     rnd = scores["random (baseline)"]
     best_del = min(methods, key=lambda k: methods[k]["deletion_auc"])
     best_ins = max(methods, key=lambda k: methods[k]["insertion_auc"])
-    s.finding(f"Most faithful by deletion: {best_del} (AUC {methods[best_del]['deletion_auc']:.3f} vs "
-              f"{rnd['deletion_auc']:.3f} for a random order); by insertion: {best_ins} "
-              f"(AUC {methods[best_ins]['insertion_auc']:.3f} vs {rnd['insertion_auc']:.3f}).", "good")
+    s.finding(
+        f"Most faithful by deletion: {best_del} (AUC {methods[best_del]['deletion_auc']:.3f} vs "
+        f"{rnd['deletion_auc']:.3f} for a random order); by insertion: {best_ins} "
+        f"(AUC {methods[best_ins]['insertion_auc']:.3f} vs {rnd['insertion_auc']:.3f}).",
+        "good",
+    )
     worse = [k for k, v in methods.items() if v["deletion_auc"] >= rnd["deletion_auc"]]
     if worse:
         s.finding(f"No better than a random pixel order on deletion: {', '.join(worse)}.", "warning")
     if has_masks:
         best_loc = max(methods, key=lambda k: (methods[k]["pointing_game"], methods[k]["mask_share"]))
-        s.finding(f"Best localised on the shapes masks: {best_loc} (pointing game "
-                  f"{methods[best_loc]['pointing_game']:.0%}, {methods[best_loc]['mask_share']:.0%} of positive "
-                  f"attribution inside the object; a random map: {rnd['pointing_game']:.0%}, "
-                  f"{rnd['mask_share']:.0%}).", "good")
+        s.finding(
+            f"Best localised on the shapes masks: {best_loc} (pointing game "
+            f"{methods[best_loc]['pointing_game']:.0%}, {methods[best_loc]['mask_share']:.0%} of positive "
+            f"attribution inside the object; a random map: {rnd['pointing_game']:.0%}, "
+            f"{rnd['mask_share']:.0%}).",
+            "good",
+        )
     if sanity:
         failed = [k for k, v in sanity.items() if v[-1] > opts["sanity_threshold"]]
         passed = [k for k in sanity if k not in failed]
         if failed:
-            s.finding("Fails the sanity check (maps still correlate > "
-                      f"{opts['sanity_threshold']:g} with the original after the whole network was re-initialised, "
-                      "so they do not reflect what the model learned): "
-                      + ", ".join(f"{k} (ρ = {sanity[k][-1]:.2f})" for k in failed) + ".", "warning")
+            s.finding(
+                "Fails the sanity check (maps still correlate > "
+                f"{opts['sanity_threshold']:g} with the original after the whole network was re-initialised, "
+                "so they do not reflect what the model learned): "
+                + ", ".join(f"{k} (ρ = {sanity[k][-1]:.2f})" for k in failed)
+                + ".",
+                "warning",
+            )
         if passed:
-            s.finding("Passes the sanity check (maps decorrelate as the model is randomised): "
-                      + ", ".join(f"{k} (ρ = {sanity[k][-1]:.2f})" for k in passed) + ".", "good")
+            s.finding(
+                "Passes the sanity check (maps decorrelate as the model is randomised): "
+                + ", ".join(f"{k} (ρ = {sanity[k][-1]:.2f})" for k in passed)
+                + ".",
+                "good",
+            )
 
 
 def _show(img: torch.Tensor) -> np.ndarray:
@@ -267,11 +296,15 @@ def _grids(s: Section, ctx, x, y, pred, maps) -> None:
             for r in range(3):
                 axes[r, j].axis("off")
         for r, label in enumerate(("input", "map", "overlay")):
-            axes[r, 0].text(-0.15, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center",
-                            ha="right", fontsize=8)
+            axes[r, 0].text(
+                -0.15, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8
+            )
         fig.suptitle(name, fontsize=10)
-        s.figure(fig, f"Attribution maps: {name}", "One test image per class (true → predicted label); rows: input, "
-                 "|attribution|, overlay.")
+        s.figure(
+            fig,
+            f"Attribution maps: {name}",
+            "One test image per class (true → predicted label); rows: input, |attribution|, overlay.",
+        )
 
 
 def _sanity_figure(s: Section, steps, rho) -> None:
@@ -281,9 +314,12 @@ def _sanity_figure(s: Section, steps, rho) -> None:
     for name, vals in rho.items():
         ax.plot(range(1, len(vals) + 1), vals, marker="o", ms=3, label=name)
     ax.set_xticks(range(1, len(steps) + 1), [n for n, _ in steps], rotation=70, fontsize=7)
-    ax.set(ylabel="Spearman ρ with original", ylim=(-0.2, 1.05),
-           title="Cascading randomisation (Adebayo et al. 2018)")
+    ax.set(ylabel="Spearman ρ with original", ylim=(-0.2, 1.05), title="Cascading randomisation (Adebayo et al. 2018)")
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=7)
-    s.figure(fig, "Sanity check", "Rank correlation between each method's maps and the original maps, as the "
-             "head and then residual blocks (output → input) are re-initialised cumulatively.")
+    s.figure(
+        fig,
+        "Sanity check",
+        "Rank correlation between each method's maps and the original maps, as the "
+        "head and then residual blocks (output → input) are re-initialised cumulatively.",
+    )

@@ -33,16 +33,15 @@ rest add up to the whole. Optionally the eigenvalue density by stochastic Lanczo
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("samples", int, 256, "training images the Hessian is taken on (one batch)",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("top_k", int, 3, "largest eigenvalues to find", check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("tol", float, 1e-3, "stop Lanczos when the top eigenvalues change by less than this (relative)",
-                check=lambda v: "must be > 0" if v <= 0 else None)
-    options.add("max_iter", int, 100, "most Hessian-vector products for the eigenvalues",
-                check=lambda v: "must be >= 2" if v < 2 else None)
-    options.add("probes", int, 40, "Rademacher probes for the trace", check=lambda v: "must be >= 2" if v < 2 else None)
+    options.add("samples", int, 256, "training images the Hessian is taken on (one batch)", bounds="[1, 100_000]")
+    options.add("top_k", int, 3, "largest eigenvalues to find", bounds="[1, 100]")
+    options.add(
+        "tol", float, 1e-3, "stop Lanczos when the top eigenvalues change by less than this (relative)", bounds="(0, 1]"
+    )
+    options.add("max_iter", int, 100, "most Hessian-vector products for the eigenvalues", bounds="[2, 10_000]")
+    options.add("probes", int, 40, "Rademacher probes for the trace", bounds="[2, 10_000]")
     options.add("density", bool, False, "also estimate the eigenvalue density (stochastic Lanczos quadrature)")
-    options.add("density_steps", int, 60, "Lanczos steps per density run", check=lambda v: "must be >= 2" if v < 2 else None)
+    options.add("density_steps", int, 60, "Lanczos steps per density run", bounds="[2, 1000]")
 
 
 def _subset(ctx, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -75,8 +74,9 @@ def measure(net: torch.nn.Module, batches, blocks: list[str], opts: dict, seed: 
 @hookimpl
 def resinspect_analyze(ctx):
     opts = ctx.options()
-    s = Section(title="Curvature: the Hessian's spectrum and trace", explanation=EXPLANATION,
-                docs="explainer-landscape")
+    s = Section(
+        title="Curvature: the Hessian's spectrum and trace", explanation=EXPLANATION, docs="explainer-landscape"
+    )
     s.key_metrics = ["model/eigenvalue_1", "model/trace"]
     batches = _subset(ctx, opts["samples"])
     blocks = {"model": [b.name for b in ctx.blocks("model")]}
@@ -89,22 +89,48 @@ def resinspect_analyze(ctx):
         s.metrics[f"{role}/trace"] = r["trace"].mean
         s.metrics[f"{role}/trace_stderr"] = r["trace"].stderr
         s.metrics[f"{role}/lanczos_products"] = r["products"]
-        for name, (mean, err) in r["trace"].groups.items():
+        for name, (mean, _err) in r["trace"].groups.items():
             s.metrics[f"{role}/block/{name}/trace"] = mean
     s.metrics["samples"] = sum(len(y) for _, y in batches)
-    s.table("Curvature", ["network", "λ_max", f"top {opts['top_k']} eigenvalues", "trace", "± standard error",
-                          "Hessian-vector products (eigenvalues)"],
-            [[ctx.label(role), r["top"][0], ", ".join(f"{v:.4g}" for v in r["top"]), r["trace"].mean,
-              r["trace"].stderr, r["products"]] for role, r in results.items()],
-            caption=f"On {s.metrics['samples']} training images, BatchNorm in evaluation mode; trace from "
-                    f"{opts['probes']} Rademacher probes.")
+    s.table(
+        "Curvature",
+        [
+            "network",
+            "λ_max",
+            f"top {opts['top_k']} eigenvalues",
+            "trace",
+            "± standard error",
+            "Hessian-vector products (eigenvalues)",
+        ],
+        [
+            [
+                ctx.label(role),
+                r["top"][0],
+                ", ".join(f"{v:.4g}" for v in r["top"]),
+                r["trace"].mean,
+                r["trace"].stderr,
+                r["products"],
+            ]
+            for role, r in results.items()
+        ],
+        caption=f"On {s.metrics['samples']} training images, BatchNorm in evaluation mode; trace from "
+        f"{opts['probes']} Rademacher probes.",
+    )
     names = blocks["model"]
     s.block_column("Hessian trace", {n: results["model"]["trace"].groups[n][0] for n in names})
     cols = ["block", f"trace: {ctx.model_name}"] + ([f"trace: {ctx.label('twin')}"] if "twin" in results else [])
-    rows = [[n, results["model"]["trace"].groups[n][0]]
-            + ([results["twin"]["trace"].groups.get(n, (None,))[0]] if "twin" in results else []) for n in names]
-    s.table("Per-block Hessian trace", cols, rows, caption="From the same probes as the whole trace; the blocks' "
-            "traces plus 'other' (stem, classifier) add up to it.")
+    rows = [
+        [n, results["model"]["trace"].groups[n][0]]
+        + ([results["twin"]["trace"].groups.get(n, (None,))[0]] if "twin" in results else [])
+        for n in names
+    ]
+    s.table(
+        "Per-block Hessian trace",
+        cols,
+        rows,
+        caption="From the same probes as the whole trace; the blocks' "
+        "traces plus 'other' (stem, classifier) add up to it.",
+    )
     _findings(s, ctx, results)
     _figures(s, ctx, results, names)
     return s
@@ -112,18 +138,25 @@ def resinspect_analyze(ctx):
 
 def _findings(s: Section, ctx, results: dict) -> None:
     m = results["model"]
-    s.finding(f"{ctx.model_name}: largest Hessian eigenvalue {m['top'][0]:.4g} (gradient descent is stable below a "
-              f"learning rate of {2 / max(m['top'][0], 1e-12):.3g}), trace {m['trace'].mean:.4g} ± {m['trace'].stderr:.2g}.")
+    s.finding(
+        f"{ctx.model_name}: largest Hessian eigenvalue {m['top'][0]:.4g} (gradient descent is stable below a "
+        f"learning rate of {2 / max(m['top'][0], 1e-12):.3g}), trace {m['trace'].mean:.4g} ± {m['trace'].stderr:.2g}."
+    )
     if "twin" in results:
         t = results["twin"]
         ratio = t["top"][0] / m["top"][0] if m["top"][0] > 0 else float("nan")
         sharper = ratio > 1
         s.metrics["twin_to_model_sharpness"] = ratio
-        s.finding(f"The plain twin {ctx.label('twin')} has λ_max {t['top'][0]:.4g}, {ratio:.2g}× that of {ctx.model_name}; "
-                  f"trace {t['trace'].mean:.4g} vs {m['trace'].mean:.4g}: "
-                  + ("the plain network sits in the sharper minimum, as the literature on skip connections predicts."
-                     if sharper else "here the residual network is the sharper one."),
-                  "good" if sharper else "info")
+        s.finding(
+            f"The plain twin {ctx.label('twin')} has λ_max {t['top'][0]:.4g}, {ratio:.2g}× that of {ctx.model_name}; "
+            f"trace {t['trace'].mean:.4g} vs {m['trace'].mean:.4g}: "
+            + (
+                "the plain network sits in the sharper minimum, as the literature on skip connections predicts."
+                if sharper
+                else "here the residual network is the sharper one."
+            ),
+            "good" if sharper else "info",
+        )
 
 
 def _figures(s: Section, ctx, results: dict, names: list[str]) -> None:
@@ -132,14 +165,24 @@ def _figures(s: Section, ctx, results: dict, names: list[str]) -> None:
     x = np.arange(len(names))
     for role, r in results.items():
         vals = [r["trace"].groups.get(n, (np.nan, np.nan)) for n in names]
-        ax.errorbar(x, [v[0] for v in vals], yerr=[v[1] for v in vals], fmt="o-" if role == "model" else "s--", ms=3,
-                    capsize=2, label=ctx.label(role))
+        ax.errorbar(
+            x,
+            [v[0] for v in vals],
+            yerr=[v[1] for v in vals],
+            fmt="o-" if role == "model" else "s--",
+            ms=3,
+            capsize=2,
+            label=ctx.label(role),
+        )
     ax.set(xlabel="block", ylabel="Hessian trace of the block", title="Curvature per block")
     ax.set_xticks(x, names, rotation=90, fontsize=6)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    s.figure(fig, "Per-block Hessian trace", "Each block's share of the Hessian trace (± standard error over the "
-             "probes), model and twin.")
+    s.figure(
+        fig,
+        "Per-block Hessian trace",
+        "Each block's share of the Hessian trace (± standard error over the probes), model and twin.",
+    )
     if all(r["density"] is not None for r in results.values()):
         fig, ax = plt.subplots(figsize=(6, 3.4))
         for role, r in results.items():

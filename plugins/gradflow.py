@@ -13,7 +13,10 @@ import statistics
 import numpy as np
 
 from resinspect import Section, StashKey, hookimpl, pyplot
-from resinspect_plugins._gradrecorder import BRANCH as _BRANCH, OUT as _OUT, SKIP as _SKIP, TOTAL as _TOTAL
+from resinspect_plugins._gradrecorder import BRANCH as _BRANCH
+from resinspect_plugins._gradrecorder import OUT as _OUT
+from resinspect_plugins._gradrecorder import SKIP as _SKIP
+from resinspect_plugins._gradrecorder import TOTAL as _TOTAL
 from resinspect_plugins._gradrecorder import GradRecorder
 
 NAME = "gradflow"
@@ -39,18 +42,37 @@ KEY = StashKey[dict]()
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("every", int, 1, "record parameter gradient norms every k-th training step",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("block_every", int, 10, "split each block's input gradient into skip and branch parts every k-th "
-                "recorded step (a split step costs about a tenth more: an extra view and four hooks per block)",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("vanish_ratio", float, 1e-3, "a layer vanishes at a step when its gradient norm is below this "
-                "fraction of the median layer's", check=lambda v: "must be > 0" if v <= 0 else None)
-    options.add("explode_ratio", float, 1e3, "a layer explodes at a step when its gradient norm is above this "
-                "multiple of the median layer's", check=lambda v: "must be > 1" if v <= 1 else None)
-    options.add("tensorboard_every", int, 5, "write per-layer gradient norms to TensorBoard for every k-th recorded "
-                "step (0: no TensorBoard scalars; branch/skip ratios follow block_every)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
+    options.add("every", int, 1, "record parameter gradient norms every k-th training step", bounds="[1, 1_000_000]")
+    options.add(
+        "block_every",
+        int,
+        10,
+        "split each block's input gradient into skip and branch parts every k-th "
+        "recorded step (a split step costs about a tenth more: an extra view and four hooks per block)",
+        bounds="[1, 1_000_000]",
+    )
+    options.add(
+        "vanish_ratio",
+        float,
+        1e-3,
+        "a layer vanishes at a step when its gradient norm is below this fraction of the median layer's",
+        bounds="(0, 1]",
+    )
+    options.add(
+        "explode_ratio",
+        float,
+        1e3,
+        "a layer explodes at a step when its gradient norm is above this multiple of the median layer's",
+        bounds="(1, 1e12]",
+    )
+    options.add(
+        "tensorboard_every",
+        int,
+        5,
+        "write per-layer gradient norms to TensorBoard for every k-th recorded "
+        "step (0: no TensorBoard scalars; branch/skip ratios follow block_every)",
+        bounds="[0, 1_000_000]",
+    )
 
 
 def _state(ctx) -> dict[str, GradRecorder]:
@@ -82,7 +104,7 @@ def resinspect_epoch_end(ctx, epoch):
         return
     weight_idx = [i for i, p in enumerate(rec.params) if p.dim() > 1]
     for r in range(len(params)):
-        values = {}
+        values: dict[str, float] = {}
         if (start + r) % every == 0:
             values.update((f"grad_norm/{rec.names[i]}", params[r, 0, i]) for i in weight_idx)
         for j, name in enumerate(rec.block_names if start + r in tapped else []):
@@ -117,8 +139,11 @@ def resinspect_analyze(ctx) -> Section:
     s.key_metrics = ["model/first_last_ratio_median", "model/branch_skip_ratio_median"]
     recs = _state(ctx)
     if not recs or not any(r.steps for r in recs.values()):
-        s.finding("No training steps were recorded (the model was not trained in this run, e.g. --epochs 0 "
-                  "with --checkpoint): gradient flow is measured during training.", "info")
+        s.finding(
+            "No training steps were recorded (the model was not trained in this run, e.g. --epochs 0 "
+            "with --checkpoint): gradient flow is measured during training.",
+            "info",
+        )
         return s
     data = {}
     for role, rec in recs.items():
@@ -140,16 +165,24 @@ def resinspect_analyze(ctx) -> Section:
         r, p = s.metrics["model/first_last_ratio_median"], s.metrics["twin/first_last_ratio_median"]
         # a ratio near 1 means the first and last layers get gradients of the same size
         balanced = abs(np.log10(max(r, 1e-30))) < abs(np.log10(max(p, 1e-30)))
-        s.finding(f"Residual vs plain: the first layer's gradient norm is {r:.3g}× the last layer's in "
-                  f"{ctx.model_name} and {p:.3g}× in its plain twin {ctx.twin_name} (median over training; at "
-                  f"initialisation {s.metrics['model/first_last_ratio_init']:.3g}× vs "
-                  f"{s.metrics['twin/first_last_ratio_init']:.3g}×): the gradient is "
-                  + ("more evenly spread over depth with shortcuts." if balanced else
-                     "not more evenly spread over depth with shortcuts here."),
-                  "good" if balanced else "info")
+        s.finding(
+            f"Residual vs plain: the first layer's gradient norm is {r:.3g}× the last layer's in "
+            f"{ctx.model_name} and {p:.3g}× in its plain twin {ctx.twin_name} (median over training; at "
+            f"initialisation {s.metrics['model/first_last_ratio_init']:.3g}× vs "
+            f"{s.metrics['twin/first_last_ratio_init']:.3g}×): the gradient is "
+            + (
+                "more evenly spread over depth with shortcuts."
+                if balanced
+                else "not more evenly spread over depth with shortcuts here."
+            ),
+            "good" if balanced else "info",
+        )
     elif "model/first_last_ratio_median" in s.metrics:
-        s.finding(f"The first layer's gradient norm is {s.metrics['model/first_last_ratio_median']:.3g}× the last "
-                  "layer's (median over training).", "info")
+        s.finding(
+            f"The first layer's gradient norm is {s.metrics['model/first_last_ratio_median']:.3g}× the last "
+            "layer's (median over training).",
+            "info",
+        )
     _figures(s, ctx, data)
     return s
 
@@ -163,23 +196,36 @@ def _param_findings(s: Section, ctx, role: str, rec: GradRecorder, params: np.nd
     dead = (l2 == 0).all(0)
     rows = []
     for i, name in enumerate(rec.names):
-        rows.append([name, tuple(rec.params[i].shape).__str__(), float(np.median(l2[:, i])),
-                     float(np.median(params[:, 1, i])), float(params[:, 2, i].max()), float(vanish[i])])
-    s.table(f"Gradient statistics per parameter: {label} ({len(l2)} recorded steps)",
-            ["parameter", "shape", "median L2 norm", "median mean|g|", "max |g|", "fraction of steps vanishing"],
-            rows)
+        rows.append(
+            [
+                name,
+                tuple(rec.params[i].shape).__str__(),
+                float(np.median(l2[:, i])),
+                float(np.median(params[:, 1, i])),
+                float(params[:, 2, i].max()),
+                float(vanish[i]),
+            ]
+        )
+    s.table(
+        f"Gradient statistics per parameter: {label} ({len(l2)} recorded steps)",
+        ["parameter", "shape", "median L2 norm", "median mean|g|", "max |g|", "fraction of steps vanishing"],
+        rows,
+    )
     s.metrics[f"{role}/recorded_steps"] = len(l2)
-    for kind, mask, sev in (("vanishing (below the threshold for most steps)", vanish > 0.5, "warning"),
-                            ("exploding (above the threshold for most steps)", explode > 0.5, "critical"),
-                            ("dead (gradient exactly zero at every recorded step)", dead, "warning")):
+    for kind, mask, sev in (
+        ("vanishing (below the threshold for most steps)", vanish > 0.5, "warning"),
+        ("exploding (above the threshold for most steps)", explode > 0.5, "critical"),
+        ("dead (gradient exactly zero at every recorded step)", dead, "warning"),
+    ):
         names = [rec.names[i] for i in np.flatnonzero(mask)]
         s.metrics[f"{role}/{kind.split()[0]}_parameters"] = len(names)
         if names:
             shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
             s.finding(f"{label}: {len(names)} parameter tensor(s) {kind}: {shown}.", sev)
     if not (vanish > 0.5).any() and not (explode > 0.5).any() and not dead.any():
-        s.finding(f"{label}: no vanishing, exploding or dead gradients among {len(rec.names)} parameter tensors.",
-                  "good")
+        s.finding(
+            f"{label}: no vanishing, exploding or dead gradients among {len(rec.names)} parameter tensors.", "good"
+        )
 
 
 def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -> None:
@@ -191,12 +237,22 @@ def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -
         med = float(np.nanmedian(ratio[:, j])) if np.isfinite(ratio[:, j]).any() else float("nan")
         medians.append(med)
         s.metrics[f"{role}/median_branch_skip_ratio/{name}"] = med
-        rows.append([name, float(np.median(blocks[:, j, _OUT])), float(np.median(skip[:, j])),
-                     float(np.median(branch[:, j])), float(np.median(blocks[:, j, _TOTAL])), med,
-                     float(ratio[-1, j])])
-    s.table("Gradient through each residual block: skip vs branch (medians over training)",
-            ["block", "‖dL/dy‖", "‖skip part‖", "‖branch part‖", "‖dL/dx‖", "branch/skip", "branch/skip at end"],
-            rows)
+        rows.append(
+            [
+                name,
+                float(np.median(blocks[:, j, _OUT])),
+                float(np.median(skip[:, j])),
+                float(np.median(branch[:, j])),
+                float(np.median(blocks[:, j, _TOTAL])),
+                med,
+                float(ratio[-1, j]),
+            ]
+        )
+    s.table(
+        "Gradient through each residual block: skip vs branch (medians over training)",
+        ["block", "‖dL/dy‖", "‖skip part‖", "‖branch part‖", "‖dL/dx‖", "branch/skip", "branch/skip at end"],
+        rows,
+    )
     if role == "model":
         s.block_column("branch/skip gradient", dict(zip(rec.block_names, medians)))
     finite = [m for m in medians if np.isfinite(m)]
@@ -204,9 +260,12 @@ def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -
         overall = statistics.median(finite)
         s.metrics[f"{role}/branch_skip_ratio_median"] = overall
         heavy = [n for n, m in zip(rec.block_names, medians) if np.isfinite(m) and m > 1]
-        text = (f"The gradient reaching each block's input flows mostly through the skip: median branch/skip "
-                f"ratio {overall:.2f} across {len(finite)} blocks." if overall < 1 else
-                f"The branches carry more gradient than the skips (median branch/skip ratio {overall:.2f}).")
+        text = (
+            f"The gradient reaching each block's input flows mostly through the skip: median branch/skip "
+            f"ratio {overall:.2f} across {len(finite)} blocks."
+            if overall < 1
+            else f"The branches carry more gradient than the skips (median branch/skip ratio {overall:.2f})."
+        )
         if heavy:
             text += f" Blocks whose branch dominates: {', '.join(heavy[:6])}{' …' if len(heavy) > 6 else ''}."
         s.finding(text, "info")
@@ -215,7 +274,6 @@ def _block_stats(s: Section, role: str, rec: GradRecorder, blocks: np.ndarray) -
 def _figures(s: Section, ctx, data) -> None:
     plt = pyplot()
 
-    roles = list(data)
     logs = {r: np.log10(np.maximum(d[4][:, 0, :], 1e-30)).T for r, d in data.items() if d[4].size}
     if logs:
         vmin = min(np.percentile(v, 1) for v in logs.values())
@@ -231,34 +289,57 @@ def _figures(s: Section, ctx, data) -> None:
             else:
                 ax.set_ylabel("layer (input → output)")
         fig.colorbar(im, ax=axes[0].tolist(), label="log10 ‖gradient‖")
-        s.figure(fig, "Gradient norm per layer over training", "log10 of each weight's gradient L2 norm; rows "
-                 "from the first layer (top) to the last (bottom)" + (", residual network left, plain twin right."
-                                                                        if len(logs) > 1 else "."))
+        s.figure(
+            fig,
+            "Gradient norm per layer over training",
+            "log10 of each weight's gradient L2 norm; rows "
+            "from the first layer (top) to the last (bottom)"
+            + (", residual network left, plain twin right." if len(logs) > 1 else "."),
+        )
         fig, ax = plt.subplots(figsize=(7, 3.6))
         styles = {"model": "-", "twin": "--"}
         # layer for layer: with a twin, plot only the layers both networks have (same names; no projections)
         common = [n for n in data["model"][3] if all(n in d[3] for d in data.values())]
-        for role, (rec, params, blocks, names, w) in data.items():
+        for role, (_rec, _params, _blocks, names, w) in data.items():
             n = len(w)
             label = ctx.label(role)
             cols = [names.index(c) for c in common] if len(data) > 1 else list(range(len(names)))
-            for moment, idx, colour in (("init", 0, "#2c5aa0"), ("early", max(0, n // 10), "#e08a00"),
-                                        ("end", n - 1, "#1b7f3b")):
+            for moment, idx, colour in (
+                ("init", 0, "#2c5aa0"),
+                ("early", max(0, n // 10), "#e08a00"),
+                ("end", n - 1, "#1b7f3b"),
+            ):
                 ax.plot(w[idx, 0, cols], styles.get(role, "-"), color=colour, label=f"{label} {moment}")
-        ax.set(yscale="log", xlabel="layer index (input → output)" + (", layers shared with the twin"
-                                                                       if len(data) > 1 else ""),
-               ylabel="gradient L2 norm", title="Gradient norm over depth")
+        ax.set(
+            yscale="log",
+            xlabel="layer index (input → output)" + (", layers shared with the twin" if len(data) > 1 else ""),
+            ylabel="gradient L2 norm",
+            title="Gradient norm over depth",
+        )
         ax.legend(fontsize=7, ncol=2)
-        s.figure(fig, "Gradient profile over depth", "At the first recorded step, after 10% of training and at the "
-                 "end; solid: residual network, dashed: plain twin.")
+        s.figure(
+            fig,
+            "Gradient profile over depth",
+            "At the first recorded step, after 10% of training and at the "
+            "end; solid: residual network, dashed: plain twin.",
+        )
     rec, _, blocks, _, _ = data["model"]
     if rec.block_names and len(blocks):
         ratio = blocks[:, :, _BRANCH] / np.maximum(blocks[:, :, _SKIP], 1e-30)
         fig, ax = plt.subplots(figsize=(7, max(2.5, 0.18 * len(rec.block_names) + 1.5)))
-        im = ax.imshow(np.log10(np.maximum(ratio.T, 1e-6)), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2,
-                       interpolation="nearest")
+        im = ax.imshow(
+            np.log10(np.maximum(ratio.T, 1e-6)),
+            aspect="auto",
+            cmap="coolwarm",
+            vmin=-2,
+            vmax=2,
+            interpolation="nearest",
+        )
         ax.set_yticks(range(len(rec.block_names)), rec.block_names, fontsize=7)
         ax.set(xlabel="recorded step", title="log10(branch / skip) gradient at each block's input")
         fig.colorbar(im, ax=ax)
-        s.figure(fig, "Branch vs skip gradient per block", "Blue: the skip carries more of the gradient back to "
-                 "the block's input; red: the branch does.")
+        s.figure(
+            fig,
+            "Branch vs skip gradient per block",
+            "Blue: the skip carries more of the gradient back to the block's input; red: the branch does.",
+        )

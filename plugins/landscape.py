@@ -33,28 +33,33 @@ a convex bowl). The contour plots of model and twin share one colour scale."""
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("resolution", int, 21, "grid points per axis of the 2-D surface (on [−span, span])",
-                check=lambda v: "must be >= 3" if v < 3 else None)
-    options.add("resolution_1d", int, 51, "points of the 1-D curve", check=lambda v: "must be >= 3" if v < 3 else None)
-    options.add("span", float, 1.0, "half-width of the grid in units of the filter-normalised directions",
-                check=lambda v: "must be > 0" if v <= 0 else None)
-    options.add("samples", int, 256, "training images the loss is measured on at every point",
-                check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("chunk", int, 1, "grid points evaluated in one vectorised forward pass (1: one at a time with "
-                "the weights stepped in place, fastest on a CPU; more can fill a GPU)",
-                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add(
+        "resolution",
+        int,
+        21,
+        "grid points per axis of the 2-D surface (on [−span, span])",
+        bounds="[3, 201]",
+        cost=lambda v: f"{v * v:,} loss evaluations, each over landscape.samples training images",
+    )
+    options.add("resolution_1d", int, 51, "points of the 1-D curve", bounds="[3, 10_001]")
+    options.add(
+        "span", float, 1.0, "half-width of the grid in units of the filter-normalised directions", bounds="(0, 100]"
+    )
+    options.add("samples", int, 256, "training images the loss is measured on at every point", bounds="[1, 100_000]")
+    options.add(
+        "chunk",
+        int,
+        1,
+        "grid points evaluated in one vectorised forward pass (1: one at a time with "
+        "the weights stepped in place, fastest on a CPU; more can fill a GPU)",
+        bounds="[1, 1024]",
+    )
 
 
 def _subset(ctx, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed subset of the training data: the first ``samples`` images of the (seeded) training order."""
-    out, seen = [], 0
-    for x, y in ctx.train_batches(10 ** 9):
-        x, y = x[: samples - seen], y[: samples - seen]
-        out.append((x, y))
-        seen += len(y)
-        if seen >= samples:
-            break
-    return out
+    """A fixed subset of the training data: ``samples`` images of the run's seeded training order (the same
+    on every call, so landscape and curvature measure the same subset)."""
+    return list(ctx.train_batches(samples))
 
 
 def _evaluate(surface: Surface, coords: torch.Tensor, ctx) -> Evaluation:
@@ -63,8 +68,11 @@ def _evaluate(surface: Surface, coords: torch.Tensor, ctx) -> Evaluation:
     if ctx is None or ctx.world_size == 1:
         return surface.evaluate(coords)
     mine = ctx.split(list(range(len(coords))))
-    ev = surface.evaluate(coords[mine]) if mine else Evaluation(torch.zeros(0, dtype=torch.float64),
-                                                                torch.zeros(0, dtype=torch.float64))
+    ev = (
+        surface.evaluate(coords[mine])
+        if mine
+        else Evaluation(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    )
     loss, acc = torch.empty(len(coords), dtype=torch.float64), torch.empty(len(coords), dtype=torch.float64)
     for idx, part_loss, part_acc in ctx.all_gather((mine, ev.loss.cpu(), ev.accuracy.cpu())):
         if idx:
@@ -86,17 +94,24 @@ def measure(net: torch.nn.Module, batches, opts: dict, seed: int, ctx=None) -> d
         ev1 = _evaluate(Surface(net, batches, [d1], chunk=opts["chunk"]), line[:, None], ctx)
     n = len(xs)
     loss2 = ev2.loss.view(n, n)
-    return {"xs": xs, "loss": loss2, "accuracy": ev2.accuracy.view(n, n), "line": line, "curve": ev1.loss,
-            "curve_accuracy": ev1.accuracy, "nonconvexity": nonconvexity(loss2),
-            "rises": {r: rise(line, ev1.loss, r) for r in RADII if r <= opts["span"]},
-            "centre": float(ev1.loss[len(line) // 2]), "vectorised": surface.vectorised}
+    return {
+        "xs": xs,
+        "loss": loss2,
+        "accuracy": ev2.accuracy.view(n, n),
+        "line": line,
+        "curve": ev1.loss,
+        "curve_accuracy": ev1.accuracy,
+        "nonconvexity": nonconvexity(loss2),
+        "rises": {r: rise(line, ev1.loss, r) for r in RADII if r <= opts["span"]},
+        "centre": float(ev1.loss[len(line) // 2]),
+        "vectorised": surface.vectorised,
+    }
 
 
 @hookimpl
 def resinspect_analyze(ctx):
     opts = ctx.options()
-    s = Section(title="Loss landscape around the trained weights", explanation=EXPLANATION,
-                docs="explainer-landscape")
+    s = Section(title="Loss landscape around the trained weights", explanation=EXPLANATION, docs="explainer-landscape")
     s.key_metrics = ["model/loss_rise_at_1", "model/nonconvexity"]
     batches = _subset(ctx, opts["samples"])
     results = {}
@@ -112,12 +127,32 @@ def resinspect_analyze(ctx):
             ctx.log_scalar("landscape/curve_1d", v, int(round((a + opts["span"]) * 1000)), role=role)
     s.metrics["grid_points"] = opts["resolution"] ** 2
     s.metrics["samples"] = sum(len(y) for _, y in batches)
-    s.table("Shape of the loss surface", ["network", "loss at the weights", "rise at 0.25", "rise at 0.5",
-                                          "rise at 1", "non-convexity", "largest loss on the grid"],
-            [[ctx.label(role), r["centre"], r["rises"].get(0.25), r["rises"].get(0.5), r["rises"].get(1.0),
-              r["nonconvexity"], float(r["loss"].max())] for role, r in results.items()],
-            caption=f"{opts['resolution']}×{opts['resolution']} grid on [−{opts['span']:g}, {opts['span']:g}]², "
-                    f"{s.metrics['samples']} training images; rises along the 1-D curve ({opts['resolution_1d']} points).")
+    s.table(
+        "Shape of the loss surface",
+        [
+            "network",
+            "loss at the weights",
+            "rise at 0.25",
+            "rise at 0.5",
+            "rise at 1",
+            "non-convexity",
+            "largest loss on the grid",
+        ],
+        [
+            [
+                ctx.label(role),
+                r["centre"],
+                r["rises"].get(0.25),
+                r["rises"].get(0.5),
+                r["rises"].get(1.0),
+                r["nonconvexity"],
+                float(r["loss"].max()),
+            ]
+            for role, r in results.items()
+        ],
+        caption=f"{opts['resolution']}×{opts['resolution']} grid on [−{opts['span']:g}, {opts['span']:g}]², "
+        f"{s.metrics['samples']} training images; rises along the 1-D curve ({opts['resolution_1d']} points).",
+    )
     _findings(s, ctx, results)
     _figures(s, ctx, results)
     return s
@@ -126,25 +161,35 @@ def resinspect_analyze(ctx):
 def _findings(s: Section, ctx, results: dict) -> None:
     m = results["model"]
     r1 = m["rises"].get(max(m["rises"]))
-    s.finding(f"{ctx.model_name}: the loss rises by {r1:.3g} at distance {max(m['rises']):g} along a filter-normalised "
-              f"direction; {m['nonconvexity']:.0%} of the grid's second differences are negative.")
+    s.finding(
+        f"{ctx.model_name}: the loss rises by {r1:.3g} at distance {max(m['rises']):g} along a filter-normalised "
+        f"direction; {m['nonconvexity']:.0%} of the grid's second differences are negative."
+    )
     if "twin" in results:
         t = results["twin"]
         smoother = m["nonconvexity"] < t["nonconvexity"]
         flatter = m["rises"].get(0.5, r1) < t["rises"].get(0.5, r1)
-        s.finding(f"Residual vs plain: non-convexity {m['nonconvexity']:.0%} vs {t['nonconvexity']:.0%}, loss rise at 0.5 "
-                  f"{m['rises'].get(0.5, float('nan')):.3g} vs {t['rises'].get(0.5, float('nan')):.3g}: "
-                  + ("the residual network sits in the smoother, flatter basin, as in Li et al. Fig. 5." if smoother and flatter
-                     else "the residual network's basin is the smoother one." if smoother
-                     else "the residual network's basin is the flatter one, though not the smoother." if flatter
-                     else "here the plain twin's surface is not the rougher one; the paper's contrast (ResNet-56 "
-                          "against plain-56 on CIFAR-10) does not show on this model."),
-                  "good" if smoother and flatter else "info")
+        s.finding(
+            f"Residual vs plain: non-convexity {m['nonconvexity']:.0%} vs {t['nonconvexity']:.0%}, loss rise at 0.5 "
+            f"{m['rises'].get(0.5, float('nan')):.3g} vs {t['rises'].get(0.5, float('nan')):.3g}: "
+            + (
+                "the residual network sits in the smoother, flatter basin, as in Li et al. Fig. 5."
+                if smoother and flatter
+                else "the residual network's basin is the smoother one."
+                if smoother
+                else "the residual network's basin is the flatter one, though not the smoother."
+                if flatter
+                else "here the plain twin's surface is not the rougher one; the paper's contrast (ResNet-56 "
+                "against plain-56 on CIFAR-10) does not show on this model."
+            ),
+            "good" if smoother and flatter else "info",
+        )
 
 
 def _figures(s: Section, ctx, results: dict) -> None:
     plt = pyplot()
     from matplotlib.colors import LogNorm
+
     roles = list(results)
     lo = min(float(r["loss"].min()) for r in results.values())
     hi = max(float(r["loss"].max()) for r in results.values())
@@ -153,23 +198,40 @@ def _figures(s: Section, ctx, results: dict) -> None:
     for ax, role in zip(axes[0], roles):
         r = results[role]
         xs = r["xs"].numpy()
-        cs = ax.contour(xs, xs, r["loss"].numpy().T, levels=levels, cmap="viridis",
-                        norm=LogNorm(vmin=levels[0], vmax=levels[-1]))
+        cs = ax.contour(
+            xs, xs, r["loss"].numpy().T, levels=levels, cmap="viridis", norm=LogNorm(vmin=levels[0], vmax=levels[-1])
+        )
         ax.plot(0, 0, "r+")
         ax.set(title=ctx.label(role), xlabel="direction 1", ylabel="direction 2", aspect="equal")
     fig.colorbar(cs, ax=axes[0].tolist(), label="training loss")
-    s.figure(fig, "Loss contours", "Contours of the training loss around the trained weights (red cross) along two "
-             "filter-normalised random directions; one logarithmic colour scale for both networks.")
+    s.figure(
+        fig,
+        "Loss contours",
+        "Contours of the training loss around the trained weights (red cross) along two "
+        "filter-normalised random directions; one logarithmic colour scale for both networks.",
+    )
     fig = plt.figure(figsize=(4.8 * len(roles), 4))
     for k, role in enumerate(roles):
         r = results[role]
         ax = fig.add_subplot(1, len(roles), k + 1, projection="3d")
         xs = r["xs"].numpy()
         X, Y = np.meshgrid(xs, xs, indexing="ij")
-        ax.plot_surface(X, Y, np.log10(np.maximum(r["loss"].numpy(), 1e-6)), cmap="viridis",
-                        vmin=np.log10(levels[0]), vmax=np.log10(levels[-1]), linewidth=0)
-        ax.set(title=ctx.label(role), xlabel="d1", ylabel="d2", zlabel="log10 loss",
-               zlim=(np.log10(levels[0]), np.log10(levels[-1])))
+        ax.plot_surface(
+            X,
+            Y,
+            np.log10(np.maximum(r["loss"].numpy(), 1e-6)),
+            cmap="viridis",
+            vmin=np.log10(levels[0]),
+            vmax=np.log10(levels[-1]),
+            linewidth=0,
+        )
+        ax.set(
+            title=ctx.label(role),
+            xlabel="d1",
+            ylabel="d2",
+            zlabel="log10 loss",
+            zlim=(np.log10(levels[0]), np.log10(levels[-1])),
+        )
     s.figure(fig, "Loss surface", "The same surfaces in 3-D (log10 of the loss), on one vertical scale.")
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for role in roles:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from resinspect import Section, capture, eval_mode, hookimpl, pyplot, residual_blocks
+from resinspect import Section, capture, eval_mode, hookimpl, no_blocks_reason, pyplot, residual_blocks
 from resinspect_plugins._paths import PathSums, path_gradients
 from resinspect_plugins.summary import central_range
 
@@ -35,10 +35,16 @@ single path, through every layer; its gradient at the same layer is shown for co
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("samples", int, 256, "test images to decompose the gradient of (0: the whole test set)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("coverage", float, 0.9, "share of the gradient's magnitude the effective path range must carry",
-                check=lambda v: "must be in (0, 1]" if not 0 < v <= 1 else None)
+    options.add(
+        "samples",
+        int,
+        256,
+        "test images to decompose the gradient of (0: the whole test set)",
+        bounds="[0, 100_000_000]",
+    )
+    options.add(
+        "coverage", float, 0.9, "share of the gradient's magnitude the effective path range must carry", bounds="(0, 1]"
+    )
     options.add("at_init", bool, True, "also decompose the gradient of the network at initialisation")
 
 
@@ -66,9 +72,19 @@ def _describe(sums: PathSums, coverage: float) -> dict:
     counts = np.array([math.comb(n, k) for k in range(n + 1)], dtype=float)
     lo, hi, mass = effective_range(share, coverage)
     mass = float(mass)
-    return {"mean": mean, "std": std, "share": share, "per_path": mean / counts, "counts": counts,
-            "low": lo, "high": hi, "mass": mass, "mean_length": float((np.arange(n + 1) * share).sum()),
-            "total": sums.total_norm_sum / max(1, sums.count), "error": sums.max_rel_error}
+    return {
+        "mean": mean,
+        "std": std,
+        "share": share,
+        "per_path": mean / counts,
+        "counts": counts,
+        "low": lo,
+        "high": hi,
+        "mass": mass,
+        "mean_length": float((np.arange(n + 1) * share).sum()),
+        "total": sums.total_norm_sum / max(1, sums.count),
+        "error": sums.max_rel_error,
+    }
 
 
 def _at_init(ctx):
@@ -89,10 +105,11 @@ def _twin_single_path(ctx, first_block: str, limit: int) -> float | None:
     total, count = 0.0, 0
     with eval_mode(ctx.twin):
         for x, y in ctx.test_batches(limit):
-            with capture({first_block: module}, detach=False, outputs=False, first_only=True) as seen, \
-                    torch.enable_grad():
-                loss = torch.nn.functional.cross_entropy(ctx.twin(x.detach().requires_grad_(True)), y,
-                                                         reduction="sum")
+            with (
+                capture({first_block: module}, detach=False, outputs=False, first_only=True) as seen,
+                torch.enable_grad(),
+            ):
+                loss = torch.nn.functional.cross_entropy(ctx.twin(x.detach().requires_grad_(True)), y, reduction="sum")
                 (g,) = torch.autograd.grad(loss, seen.inputs[first_block])
             total += float(g.flatten(1).double().norm(dim=1).sum())
             count += len(y)
@@ -102,20 +119,27 @@ def _twin_single_path(ctx, first_block: str, limit: int) -> float | None:
 @hookimpl
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options()
-    s = Section(title="Paths: the gradient decomposed by path length", explanation=EXPLANATION,
-                docs="explainer-paths")
+    s = Section(title="Paths: the gradient decomposed by path length", explanation=EXPLANATION, docs="explainer-paths")
     s.key_metrics = ["trained/effective_low", "trained/effective_high", "trained/gradient_weighted_length"]
     blocks = ctx.blocks("model")
     if not blocks:
-        s.finding(f"{ctx.model_name} has no residual blocks: it has a single path, and nothing to decompose.")
+        s.finding(
+            f"{ctx.model_name} has no residual blocks ({no_blocks_reason(blocks)}): nothing to decompose.",
+            "warning" if getattr(blocks, "untraced", None) else "info",
+        )
         return s
     n = len(blocks)
-    described = {"trained": _describe(path_gradients(ctx.model, blocks, ctx.test_batches(opts["samples"]),
-                                                     ctx.progress), opts["coverage"])}
+    described = {
+        "trained": _describe(
+            path_gradients(ctx.model, blocks, ctx.test_batches(opts["samples"]), ctx.progress), opts["coverage"]
+        )
+    }
     init = _at_init(ctx) if opts["at_init"] else None
     if init is not None:
-        described["init"] = _describe(path_gradients(init, residual_blocks(init), ctx.test_batches(opts["samples"]),
-                                                      ctx.progress), opts["coverage"])
+        described["init"] = _describe(
+            path_gradients(init, residual_blocks(init), ctx.test_batches(opts["samples"]), ctx.progress),
+            opts["coverage"],
+        )
     twin = _twin_single_path(ctx, blocks[0].name, opts["samples"]) if ctx.twin is not None else None
     _report(s, ctx, n, described, twin, opts["coverage"])
     return s
@@ -125,34 +149,72 @@ def _report(s: Section, ctx, n: int, described: dict, twin: float | None, covera
     b_lo, b_hi, _ = central_range(n)
     s.metrics.update({"blocks": n, "binomial_95_low": b_lo, "binomial_95_high": b_hi})
     for state, d in described.items():
-        s.metrics.update({f"{state}/effective_low": d["low"], f"{state}/effective_high": d["high"],
-                          f"{state}/effective_mass": d["mass"], f"{state}/gradient_weighted_length": d["mean_length"],
-                          f"{state}/gradient_norm": d["total"], f"{state}/max_relative_error": d["error"]})
+        s.metrics.update(
+            {
+                f"{state}/effective_low": d["low"],
+                f"{state}/effective_high": d["high"],
+                f"{state}/effective_mass": d["mass"],
+                f"{state}/gradient_weighted_length": d["mean_length"],
+                f"{state}/gradient_norm": d["total"],
+                f"{state}/max_relative_error": d["error"],
+            }
+        )
         for k in range(n + 1):
             s.metrics[f"{state}/share/{k}"] = float(d["share"][k])
-        rows = [[k, int(d["counts"][k]), d["counts"][k] / 2 ** n, float(d["mean"][k]), float(d["std"][k]),
-                 float(d["per_path"][k]), float(d["share"][k])] for k in range(n + 1)]
-        s.table(f"Gradient by path length, {ctx.model_name} ({'trained' if state == 'trained' else 'at initialisation'})",
-                ["length k", "paths C(N,k)", "fraction of paths", "mean ‖g_k‖", "std ‖g_k‖", "per path",
-                 "share of magnitude"], rows,
-                caption=f"Σ_k g_k equals autograd's gradient to {d['error']:.1e} (largest relative difference).")
+        rows = [
+            [
+                k,
+                int(d["counts"][k]),
+                d["counts"][k] / 2**n,
+                float(d["mean"][k]),
+                float(d["std"][k]),
+                float(d["per_path"][k]),
+                float(d["share"][k]),
+            ]
+            for k in range(n + 1)
+        ]
+        s.table(
+            f"Gradient by path length, {ctx.model_name} ({'trained' if state == 'trained' else 'at initialisation'})",
+            [
+                "length k",
+                "paths C(N,k)",
+                "fraction of paths",
+                "mean ‖g_k‖",
+                "std ‖g_k‖",
+                "per path",
+                "share of magnitude",
+            ],
+            rows,
+            caption=f"Σ_k g_k equals autograd's gradient to {d['error']:.1e} (largest relative difference).",
+        )
     d = described["trained"]
-    s.finding(f"{coverage:.0%} of the gradient's magnitude reaching the first block of {ctx.model_name} comes from "
-              f"paths of length {d['low']}–{d['high']} out of {n} blocks, while 95% of its paths have length "
-              f"{b_lo}–{b_hi}: " + ("the effective paths are shorter than the typical path, as Veit et al. found."
-                                    if d["high"] < b_lo else
-                                    "here the effective paths are not shorter than the typical path."),
-              "good" if d["high"] < b_lo else "info")
+    s.finding(
+        f"{coverage:.0%} of the gradient's magnitude reaching the first block of {ctx.model_name} comes from "
+        f"paths of length {d['low']}–{d['high']} out of {n} blocks, while 95% of its paths have length "
+        f"{b_lo}–{b_hi}: "
+        + (
+            "the effective paths are shorter than the typical path, as Veit et al. found."
+            if d["high"] < b_lo
+            else "here the effective paths are not shorter than the typical path."
+        ),
+        "good" if d["high"] < b_lo else "info",
+    )
     if "init" in described:
         i = described["init"]
-        s.finding(f"At initialisation the gradient-weighted mean path length was {i['mean_length']:.1f} "
-                  f"(effective {i['low']}–{i['high']}); after training it is {d['mean_length']:.1f}.", "info")
+        s.finding(
+            f"At initialisation the gradient-weighted mean path length was {i['mean_length']:.1f} "
+            f"(effective {i['low']}–{i['high']}); after training it is {d['mean_length']:.1f}.",
+            "info",
+        )
     if twin is not None:
         s.metrics["twin/single_path_gradient_norm"] = twin
-        s.finding(f"The plain twin {ctx.label('twin')} has one path, of length {n}: its gradient at the same layer "
-                  f"has a mean norm of {twin:.3g} per image, against {d['total']:.3g} for {ctx.model_name} (all "
-                  f"2^{n} paths together) and {float(d['mean'][n]):.3g} for the residual network's own "
-                  f"length-{n} path.", "info")
+        s.finding(
+            f"The plain twin {ctx.label('twin')} has one path, of length {n}: its gradient at the same layer "
+            f"has a mean norm of {twin:.3g} per image, against {d['total']:.3g} for {ctx.model_name} (all "
+            f"2^{n} paths together) and {float(d['mean'][n]):.3g} for the residual network's own "
+            f"length-{n} path.",
+            "info",
+        )
     _figure(s, ctx, n, described)
 
 
@@ -160,13 +222,17 @@ def _figure(s: Section, ctx, n: int, described: dict) -> None:
     plt = pyplot()
     k = np.arange(n + 1)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
-    a.bar(k, [math.comb(n, j) / 2 ** n for j in k], color="#cccccc", label="fraction of paths (Binomial)")
+    a.bar(k, [math.comb(n, j) / 2**n for j in k], color="#cccccc", label="fraction of paths (Binomial)")
     for state, d in described.items():
         a.plot(k, d["share"], "o-" if state == "trained" else "s--", label=f"gradient share, {state}")
         b.plot(k, np.maximum(d["per_path"], 1e-300), "o-" if state == "trained" else "s--", label=state)
     a.set(xlabel="path length k (branches passed)", ylabel="share", title="Which path lengths carry the gradient")
     b.set(xlabel="path length k", ylabel="‖g_k‖ / C(N, k)", yscale="log", title="Gradient per path")
     a.legend(fontsize=8), b.legend(fontsize=8)
-    s.figure(fig, "Gradient by path length", f"Left: share of the gradient's magnitude carried by the paths of each "
-             f"length (lines) against how many paths have that length (bars), {ctx.model_name}, {n} blocks. Right: "
-             "the average gradient one path of each length carries (log scale).")
+    s.figure(
+        fig,
+        "Gradient by path length",
+        f"Left: share of the gradient's magnitude carried by the paths of each "
+        f"length (lines) against how many paths have that length (bars), {ctx.model_name}, {n} blocks. Right: "
+        "the average gradient one path of each length carries (log scale).",
+    )

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from resinspect import Section, hookimpl, pyplot
-from resinspect_plugins._shattered import (ToyPlain, ToyResidual, autocorrelation, correlation_matrix,
-                                           decay_length, input_gradients, line_points, sequence_autocorrelation,
-                                           toy_factory, toy_gradients)
+from resinspect_plugins._shattered import (
+    ToyPlain,
+    ToyResidual,
+    autocorrelation,
+    correlation_matrix,
+    decay_length,
+    input_gradients,
+    line_points,
+    sequence_autocorrelation,
+    toy_factory,
+    toy_gradients,
+)
 
 NAME = "shattered"
 
@@ -38,22 +48,32 @@ form, at initialisation. The image version asks whether it holds on your network
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("lines", int, 2, "test images to start lines from (each gives a line to another class and a "
-                "random one)", check=lambda v: "must be >= 1" if v < 1 else None)
-    options.add("points", int, 256, "points per line", check=lambda v: "must be >= 4" if v < 4 else None)
-    options.add("batch", int, 128, "points per forward/backward pass", check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add(
+        "lines",
+        int,
+        2,
+        "test images to start lines from (each gives a line to another class and a random one)",
+        bounds="[1, 1000]",
+    )
+    options.add("points", int, 256, "points per line", bounds="[4, 100_000]")
+    options.add("batch", int, 128, "points per forward/backward pass", bounds="[1, 65536]")
     options.add("at_init", bool, True, "also measure the networks at initialisation")
     options.add("toy", bool, True, "reproduce the paper's scalar toy (Fig. 1)")
-    options.add("toy_seeds", int, 8, "random initialisations of the toy networks",
-                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("toy_seeds", int, 8, "random initialisations of the toy networks", bounds="[1, 1000]")
 
 
 @hookimpl
 def resinspect_register_models(registry):
-    registry.add("toy-plain24", toy_factory("plain"), "Balduzzi et al.'s toy: 24 layers of 200 BN-ReLU units, "
-                 "scalar in and out (input flattened)")
-    registry.add("toy-resnet50", toy_factory("residual"), "Balduzzi et al.'s residual toy: 50 pre-activation "
-                 "blocks of 200 units, scalar in and out (input flattened)")
+    registry.add(
+        "toy-plain24",
+        toy_factory("plain"),
+        "Balduzzi et al.'s toy: 24 layers of 200 BN-ReLU units, scalar in and out (input flattened)",
+    )
+    registry.add(
+        "toy-resnet50",
+        toy_factory("residual"),
+        "Balduzzi et al.'s residual toy: 50 pre-activation blocks of 200 units, scalar in and out (input flattened)",
+    )
 
 
 def _lines(ctx, n_lines: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,7 +97,8 @@ def _lines(ctx, n_lines: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _measure(net, lines, points: int, batch: int) -> dict:
-    curves, first = [], None
+    curves: list[torch.Tensor] = []
+    first: Any = None
     for start, end in lines:
         with torch.no_grad():
             cls = int(net.eval()(start.unsqueeze(0)).argmax(1))
@@ -85,8 +106,12 @@ def _measure(net, lines, points: int, batch: int) -> dict:
         curves.append(autocorrelation(corr))
         first = corr if first is None else first
     curve = torch.stack(curves).mean(0)
-    return {"curve": curve.cpu().numpy(), "matrix": first.cpu().numpy(), "lag1": float(curve[1]),
-            "decay": decay_length(curve)}
+    return {
+        "curve": curve.cpu().numpy(),
+        "matrix": first.cpu().numpy(),
+        "lag1": float(curve[1]),
+        "decay": decay_length(curve),
+    }
 
 
 def _init_copy(ctx, role: str, net):
@@ -112,8 +137,12 @@ def _toy(seeds: int) -> dict:
         g = torch.stack(grads).double()
         cov = g.T @ g / seeds
         d = cov.diagonal().clamp_min(1e-300).sqrt()
-        out[kind] = {"grads": g.numpy(), "cov": (cov / d[:, None] / d[None, :]).numpy(),
-                     "lag1": float(np.median(lag1)), "decay": _median_or_none(decays)}
+        out[kind] = {
+            "grads": g.numpy(),
+            "cov": (cov / d[:, None] / d[None, :]).numpy(),
+            "lag1": float(np.median(lag1)),
+            "decay": _median_or_none(decays),
+        }
     return out
 
 
@@ -129,8 +158,11 @@ def _fmt(decay: float | None) -> str:
 @hookimpl
 def resinspect_analyze(ctx):
     opts = ctx.options()
-    s = Section(title="Shattered gradients: how fast the input gradient decorrelates", explanation=EXPLANATION,
-                docs="explainer-degradation")
+    s = Section(
+        title="Shattered gradients: how fast the input gradient decorrelates",
+        explanation=EXPLANATION,
+        docs="explainer-degradation",
+    )
     s.key_metrics = ["model/trained/decay_length", "model/trained/lag1_correlation"]
     if opts["toy"]:
         toy = _toy(opts["toy_seeds"])
@@ -138,11 +170,17 @@ def resinspect_analyze(ctx):
             s.metrics[f"toy/{kind}/lag1_correlation"] = t["lag1"]
             s.metrics[f"toy/{kind}/decay_length"] = t["decay"]
         p, r = toy["plain24"], toy["resnet50"]
-        s.finding(f"The paper's toy at initialisation (median over {opts['toy_seeds']} seeds): neighbouring gradients "
-                  f"correlate {p['lag1']:.2f} in the 24-layer plain network and {r['lag1']:.2f} in the 50-block "
-                  f"residual one" + (": white noise against brown noise, as in Balduzzi et al. Fig. 1."
-                                     if r["lag1"] > p["lag1"] + 0.2 else ": the paper's contrast does not show here."),
-                  "good" if r["lag1"] > p["lag1"] + 0.2 else "info")
+        s.finding(
+            f"The paper's toy at initialisation (median over {opts['toy_seeds']} seeds): neighbouring gradients "
+            f"correlate {p['lag1']:.2f} in the 24-layer plain network and {r['lag1']:.2f} in the 50-block "
+            f"residual one"
+            + (
+                ": white noise against brown noise, as in Balduzzi et al. Fig. 1."
+                if r["lag1"] > p["lag1"] + 0.2
+                else ": the paper's contrast does not show here."
+            ),
+            "good" if r["lag1"] > p["lag1"] + 0.2 else "info",
+        )
         _toy_figure(s, toy)
     lines = _lines(ctx, opts["lines"])
     results = {}
@@ -155,11 +193,13 @@ def resinspect_analyze(ctx):
         s.metrics[f"{role}/{state}/lag1_correlation"] = r["lag1"]
         s.metrics[f"{role}/{state}/decay_length"] = r["decay"]
     s.metrics["lines"], s.metrics["points"] = len(lines), opts["points"]
-    s.table("Gradient autocorrelation along lines", ["network", "state", "correlation one step apart",
-                                                      "decay length (fraction of the line)"],
-            [[ctx.label(role), state, r["lag1"], r["decay"]] for (role, state), r in results.items()],
-            caption=f"{len(lines)} lines of {opts['points']} points; decay length: where the mean correlation "
-                    "first falls below 1/e (empty: never on the line).")
+    s.table(
+        "Gradient autocorrelation along lines",
+        ["network", "state", "correlation one step apart", "decay length (fraction of the line)"],
+        [[ctx.label(role), state, r["lag1"], r["decay"]] for (role, state), r in results.items()],
+        caption=f"{len(lines)} lines of {opts['points']} points; decay length: where the mean correlation "
+        "first falls below 1/e (empty: never on the line).",
+    )
     _findings(s, ctx, results)
     _figures(s, ctx, results)
     return s
@@ -168,8 +208,10 @@ def resinspect_analyze(ctx):
 def _findings(s: Section, ctx, results: dict) -> None:
     model = results[("model", "trained")]
     if ("twin", "trained") not in results:
-        s.finding(f"{ctx.model_name}: neighbouring gradients along the lines correlate {model['lag1']:.2f}; the "
-                  f"correlation decays {_fmt(model['decay'])}. Run with --twin to compare with the plain network.")
+        s.finding(
+            f"{ctx.model_name}: neighbouring gradients along the lines correlate {model['lag1']:.2f}; the "
+            f"correlation decays {_fmt(model['decay'])}. Run with --twin to compare with the plain network."
+        )
         return
     for state in ("trained", "init"):
         if (state == "init") and ("model", "init") not in results:
@@ -178,12 +220,17 @@ def _findings(s: Section, ctx, results: dict) -> None:
         m_len = 1.01 if m["decay"] is None else m["decay"]
         t_len = 1.01 if t["decay"] is None else t["decay"]
         smoother = m_len > t_len or (m_len == t_len and m["lag1"] > t["lag1"])
-        s.finding(f"{'Trained' if state == 'trained' else 'At initialisation'}: the input gradient of "
-                  f"{ctx.model_name} stays correlated {_fmt(m['decay'])} (one step apart {m['lag1']:.2f}), that "
-                  f"of the plain twin {ctx.label('twin')} {_fmt(t['decay'])} ({t['lag1']:.2f}): "
-                  + ("the residual network's gradients are less shattered." if smoother else
-                     "the residual network's gradients are not less shattered here."),
-                  "good" if smoother else "info")
+        s.finding(
+            f"{'Trained' if state == 'trained' else 'At initialisation'}: the input gradient of "
+            f"{ctx.model_name} stays correlated {_fmt(m['decay'])} (one step apart {m['lag1']:.2f}), that "
+            f"of the plain twin {ctx.label('twin')} {_fmt(t['decay'])} ({t['lag1']:.2f}): "
+            + (
+                "the residual network's gradients are less shattered."
+                if smoother
+                else "the residual network's gradients are not less shattered here."
+            ),
+            "good" if smoother else "info",
+        )
 
 
 def _figures(s: Section, ctx, results: dict) -> None:
@@ -191,23 +238,38 @@ def _figures(s: Section, ctx, results: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for (role, state), r in results.items():
         x = np.linspace(0, 1, len(r["curve"]))
-        ax.plot(x, r["curve"], "-" if role == "model" else "--", alpha=1.0 if state == "trained" else 0.5,
-                label=f"{ctx.label(role)}, {state}")
+        ax.plot(
+            x,
+            r["curve"],
+            "-" if role == "model" else "--",
+            alpha=1.0 if state == "trained" else 0.5,
+            label=f"{ctx.label(role)}, {state}",
+        )
     ax.axhline(math.exp(-1), color="k", lw=0.6, ls=":")
-    ax.set(xlabel="distance along the line (fraction)", ylabel="mean gradient correlation",
-           title="Autocorrelation of the input gradient")
+    ax.set(
+        xlabel="distance along the line (fraction)",
+        ylabel="mean gradient correlation",
+        title="Autocorrelation of the input gradient",
+    )
     ax.legend(fontsize=8)
-    s.figure(fig, "Gradient autocorrelation", "Mean correlation between the gradients at two points of a line, "
-             "against their distance; dotted: 1/e.")
+    s.figure(
+        fig,
+        "Gradient autocorrelation",
+        "Mean correlation between the gradients at two points of a line, against their distance; dotted: 1/e.",
+    )
     trained = [(role, r) for (role, state), r in results.items() if state == "trained"]
     fig, axes = plt.subplots(1, len(trained), figsize=(4.2 * len(trained), 3.8), squeeze=False)
     for ax, (role, r) in zip(axes[0], trained):
         im = ax.imshow(r["matrix"], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set(title=ctx.label(role), xlabel="point", ylabel="point")
     fig.colorbar(im, ax=axes[0].tolist())
-    s.figure(fig, "Gradient correlation matrices", "Correlation between the gradients at every two points of the "
-             "first line (trained networks); a broad red band means smooth, brown-noise-like gradients, a thin "
-             "diagonal means shattered, white-noise-like ones.")
+    s.figure(
+        fig,
+        "Gradient correlation matrices",
+        "Correlation between the gradients at every two points of the "
+        "first line (trained networks); a broad red band means smooth, brown-noise-like gradients, a thin "
+        "diagonal means shattered, white-noise-like ones.",
+    )
 
 
 def _toy_figure(s: Section, toy: dict) -> None:
@@ -220,6 +282,10 @@ def _toy_figure(s: Section, toy: dict) -> None:
         axes[1, col].imshow(toy[kind]["cov"], cmap="RdBu_r", vmin=-1, vmax=1, extent=(-2, 2, 2, -2))
         axes[1, col].set(title=f"gradient covariance, {title}", xlabel="x", ylabel="x")
     fig.tight_layout()
-    s.figure(fig, "The paper's toy (Balduzzi et al. 2017, Fig. 1)", "Top: the gradient of the output with respect to "
-             "the scalar input over [−2, 2] (first seed). Bottom: its covariance between inputs over the random "
-             "initialisations, normalised to correlations.")
+    s.figure(
+        fig,
+        "The paper's toy (Balduzzi et al. 2017, Fig. 1)",
+        "Top: the gradient of the output with respect to "
+        "the scalar input over [−2, 2] (first seed). Bottom: its covariance between inputs over the random "
+        "initialisations, normalised to correlations.",
+    )

@@ -5,6 +5,7 @@ block between its input, its output and its branch, and between the network and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +37,19 @@ where the plain network computes something the residual one does not."""
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("images", int, 512, "test images to compare the layers on (0: the whole test set)",
-                check=lambda v: "must be >= 0" if v < 0 else None)
-    options.add("structure_threshold", float, 0.95, "consecutive blocks whose outputs have CKA above this form "
-                "a block structure", check=lambda v: "must be in (0, 1]" if not 0 < v <= 1 else None)
-    options.add("branches", bool, True, "also compare each block's input with its branch F(x) (one extra branch "
-                "pass per block)")
+    options.add(
+        "images", int, 512, "test images to compare the layers on (0: the whole test set)", bounds="[0, 100_000_000]"
+    )
+    options.add(
+        "structure_threshold",
+        float,
+        0.95,
+        "consecutive blocks whose outputs have CKA above this form a block structure",
+        bounds="(0, 1]",
+    )
+    options.add(
+        "branches", bool, True, "also compare each block's input with its branch F(x) (one extra branch pass per block)"
+    )
 
 
 @dataclass
@@ -49,7 +57,7 @@ class _Net:
     """The layers of one network whose Gram matrices are taken, in a fixed order."""
 
     role: str
-    blocks: list[tuple[str, torch.nn.Module, object]]  # (name, module, ResidualBlock or None)
+    blocks: list[tuple[str, torch.nn.Module, Any]]  # (name, module, ResidualBlock or None)
     names: list[str] = field(default_factory=list)  # layer names in the order of the first batch
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     last_out: object = None
@@ -101,15 +109,21 @@ def units(net: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     out: list[tuple[str, torch.nn.Module]] = []
     for name, m in net.named_modules():
         if isinstance(m, torch.nn.Sequential) and not any(name.startswith(f"{u}.") or name == u for u, _ in out):
-            out += [(f"{name}.{c}" if name else c, child) for c, child in m.named_children()
-                    if any(True for _ in child.parameters())]
+            out += [
+                (f"{name}.{c}" if name else c, child)
+                for c, child in m.named_children()
+                if any(True for _ in child.parameters())
+            ]
     return out
 
 
 def _networks(ctx) -> list[_Net]:
     blocks = ctx.blocks("model")
-    nets = [_Net("model", [(b.name, b.module, b) for b in blocks] if blocks else
-                 [(n, m, None) for n, m in units(ctx.model)])]
+    nets = [
+        _Net(
+            "model", [(b.name, b.module, b) for b in blocks] if blocks else [(n, m, None) for n, m in units(ctx.model)]
+        )
+    ]
     if ctx.twin is not None:
         pairs = [(b.name, m, None) for b, m in ctx.twin_counterparts() if m is not None]
         if pairs:
@@ -120,7 +134,9 @@ def _networks(ctx) -> list[_Net]:
 def measure(ctx, images: int, branches: bool) -> Measured:
     """Run the test images through the networks once, all layers' Gram matrices per batch, one HSIC product."""
     nets = _networks(ctx)
-    sums, order, skipped = None, None, 0
+    sums: Any = None
+    order: list[tuple[str, str]] | None = None
+    skipped = 0
     with torch.inference_mode():
         for x, _ in ctx.shard(ctx.progress(ctx.test_batches(images), desc="similarity: CKA batches"), whole=True):
             if len(x) < MIN_BATCH:
@@ -151,8 +167,9 @@ def measure(ctx, images: int, branches: bool) -> Measured:
 @hookimpl(trylast=True)  # after ablation, whose lesion costs it sets beside its own numbers
 def resinspect_analyze(ctx):
     opts = ctx.options()
-    s = Section(title="Representation similarity (CKA) between blocks", explanation=EXPLANATION,
-                docs="explainer-similarity")
+    s = Section(
+        title="Representation similarity (CKA) between blocks", explanation=EXPLANATION, docs="explainer-similarity"
+    )
     s.key_metrics = ["median_cka_in_out", "twin_median_cka_in_out", "block_structure_runs"]
     blocks = [name for name, _, _ in _networks(ctx)[0].blocks]
     if len(blocks) < 2:
@@ -166,18 +183,21 @@ def resinspect_analyze(ctx):
         s.metrics["images_skipped"] = r.skipped
     # the heatmap's layers: the stem and the block outputs (not the branches, nor block inputs that are no
     # other layer's output)
-    heat = {role: [k for k in order if k[0] == role and not k[1].endswith((" F(x)", " input"))]
-            for role in ("model", "twin") if any(k[0] == role for k in order)}
+    heat = {
+        role: [k for k in order if k[0] == role and not k[1].endswith((" F(x)", " input"))]
+        for role in ("model", "twin")
+        if any(k[0] == role for k in order)
+    }
     within = _within(blocks, inputs["model"], index, cka, opts["branches"])
     for name, v in within.items():
         s.metrics[f"block/{name}/cka_in_out"] = v["in_out"]
         if "in_branch" in v:
             s.metrics[f"block/{name}/cka_in_branch"] = v["in_branch"]
     if ctx.blocks("model"):  # (a plain network's units are not residual blocks: no dossier column)
-        s.block_column("CKA(input, output)", {n: v["in_out"] for n, v in within.items()}, sign=-1)
+        s.block_column("CKA(input, output)", {n: v["in_out"] for n, v in within.items()}, matters_more_when="smaller")
     twin_within = _within_twin(inputs.get("twin", {}), index, cka) if "twin" in heat else {}
-    for name, v in twin_within.items():
-        s.metrics[f"twin/block/{name}/cka_in_out"] = v
+    for name, twin_value in twin_within.items():
+        s.metrics[f"twin/block/{name}/cka_in_out"] = twin_value
     _structure(s, ctx, heat["model"], index, cka, opts["structure_threshold"])
     _changed(s, ctx, within, twin_within)
     _lesion_correlation(s, ctx, within)
@@ -186,8 +206,9 @@ def resinspect_analyze(ctx):
     return s
 
 
-def _within(blocks: list[str], inputs: dict, index: dict, cka: torch.Tensor, branches: bool
-            ) -> dict[str, dict[str, float]]:
+def _within(
+    blocks: list[str], inputs: dict, index: dict, cka: torch.Tensor, branches: bool
+) -> dict[str, dict[str, float]]:
     out = {}
     for name in blocks:
         i, o = index[("model", inputs[name])], index[("model", name)]
@@ -208,7 +229,7 @@ def block_structure(cka: np.ndarray, threshold: float, min_layers: int = 3) -> l
     runs, a, n = [], 0, len(cka)
     while a < n:
         b = a
-        while b + 1 < n and (cka[a: b + 1, b + 1] > threshold).all():
+        while b + 1 < n and (cka[a : b + 1, b + 1] > threshold).all():
             b += 1
         if b - a + 1 >= min_layers:
             runs.append((a, b))
@@ -226,31 +247,44 @@ def _structure(s: Section, ctx, layers: list, index: dict, cka: torch.Tensor, th
     s.metrics["block_structure_layers"] = sum(b - a + 1 for a, b in runs)
     if runs:
         text = "; ".join(f"{names[a]} … {names[b]} ({b - a + 1} layers)" for a, b in runs)
-        s.finding(f"Block structure in {ctx.model_name}: runs of consecutive layers whose outputs all have CKA "
-                  f"above {threshold:g} with each other: {text}. The blocks inside such a run barely change the "
-                  "representation: candidates for removal (check their lesion cost).", "warning")
+        s.finding(
+            f"Block structure in {ctx.model_name}: runs of consecutive layers whose outputs all have CKA "
+            f"above {threshold:g} with each other: {text}. The blocks inside such a run barely change the "
+            "representation: candidates for removal (check their lesion cost).",
+            "warning",
+        )
     else:
-        s.finding(f"No block structure in {ctx.model_name}: no three consecutive layers have CKA above "
-                  f"{threshold:g} with each other (Nguyen et al. see it in much deeper or wider networks).", "info")
+        s.finding(
+            f"No block structure in {ctx.model_name}: no three consecutive layers have CKA above "
+            f"{threshold:g} with each other (Nguyen et al. see it in much deeper or wider networks).",
+            "info",
+        )
 
 
 def _changed(s: Section, ctx, within: dict, twin_within: dict) -> None:
     ranked = sorted(within.items(), key=lambda kv: kv[1]["in_out"])
     most, least = ranked[0], ranked[-1]
     s.metrics["median_cka_in_out"] = float(np.median([v["in_out"] for v in within.values()]))
-    s.finding(f"The block that changes the representation most is {most[0]} (CKA between its input and output "
-              f"{most[1]['in_out']:.3f}); the one that changes it least is {least[0]} ({least[1]['in_out']:.3f}).")
+    s.finding(
+        f"The block that changes the representation most is {most[0]} (CKA between its input and output "
+        f"{most[1]['in_out']:.3f}); the one that changes it least is {least[0]} ({least[1]['in_out']:.3f})."
+    )
     if twin_within:
         shared = [n for n in within if n in twin_within]
         m = float(np.median([within[n]["in_out"] for n in shared]))
         t = float(np.median([twin_within[n] for n in shared]))
         s.metrics["twin_median_cka_in_out"] = t
         kept = m > t
-        s.finding(f"Median CKA between a block's input and output: {m:.3f} in {ctx.model_name}, {t:.3f} in the plain "
-                  f"twin {ctx.label('twin')}: " + ("the residual blocks preserve their input more, as adding F(x) "
-                                                   "to x predicts." if kept else
-                                                   "the residual blocks do not preserve their input more here."),
-                  "good" if kept else "info")
+        s.finding(
+            f"Median CKA between a block's input and output: {m:.3f} in {ctx.model_name}, {t:.3f} in the plain "
+            f"twin {ctx.label('twin')}: "
+            + (
+                "the residual blocks preserve their input more, as adding F(x) to x predicts."
+                if kept
+                else "the residual blocks do not preserve their input more here."
+            ),
+            "good" if kept else "info",
+        )
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -266,17 +300,22 @@ def _lesion_correlation(s: Section, ctx, within: dict) -> None:
     if ablation is None:
         return
     pairs = [(1 - v["in_out"], ablation.metrics.get(f"lesion/{name}/cost_points")) for name, v in within.items()]
-    pairs = [(c, l) for c, l in pairs if l is not None]
+    pairs = [(c, cost) for c, cost in pairs if cost is not None]
     if len(pairs) < 3:
         return
-    rho = _spearman([c for c, _ in pairs], [l for _, l in pairs])
+    rho = _spearman([c for c, _ in pairs], [cost for _, cost in pairs])
     s.metrics["spearman_change_vs_lesion_cost"] = rho
     agree = rho > 0.3
-    s.finding(f"Rank correlation between how much a block changes the representation (1 − CKA(input, output)) and "
-              f"its lesion cost from ablation: {rho:+.2f} over {len(pairs)} blocks: "
-              + ("blocks that change the representation little are cheap to remove, as expected." if agree else
-                 "how much a block changes the representation does not predict what removing it costs here."),
-              "good" if agree else "info")
+    s.finding(
+        f"Rank correlation between how much a block changes the representation (1 − CKA(input, output)) and "
+        f"its lesion cost from ablation: {rho:+.2f} over {len(pairs)} blocks: "
+        + (
+            "blocks that change the representation little are cheap to remove, as expected."
+            if agree
+            else "how much a block changes the representation does not predict what removing it costs here."
+        ),
+        "good" if agree else "info",
+    )
 
 
 def _tables(s: Section, ctx, within: dict, twin_within: dict, heat: dict, index: dict, cka: torch.Tensor) -> None:
@@ -294,12 +333,19 @@ def _tables(s: Section, ctx, within: dict, twin_within: dict, heat: dict, index:
         if ablation is not None:
             row.append(ablation.metrics.get(f"lesion/{name}/cost_points"))
         rows.append(row)
-    s.table("How much each block changes its input", cols, rows,
-            caption="CKA 1: the output is a rotation or rescaling of the input; lower: the block changed the "
-                    "representation more.")
+    s.table(
+        "How much each block changes its input",
+        cols,
+        rows,
+        caption="CKA 1: the output is a rotation or rescaling of the input; lower: the block changed the "
+        "representation more.",
+    )
     layers = heat["model"]
-    s.table(f"CKA between block outputs: {ctx.model_name}", ["layer"] + [n for _, n in layers],
-            [[a[1]] + [float(cka[index[a], index[b]]) for b in layers] for a in layers])
+    s.table(
+        f"CKA between block outputs: {ctx.model_name}",
+        ["layer"] + [n for _, n in layers],
+        [[a[1]] + [float(cka[index[a], index[b]]) for b in layers] for a in layers],
+    )
 
 
 def _figures(s: Section, ctx, heat: dict, index: dict, cka: torch.Tensor, within: dict, twin_within: dict) -> None:
@@ -311,25 +357,46 @@ def _figures(s: Section, ctx, heat: dict, index: dict, cka: torch.Tensor, within
     for ax, (title, rows, cols) in zip(axes[0], panels):
         m = np.array([[float(cka[index[a], index[b]]) for b in cols] for a in rows])
         im = ax.imshow(m, cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
-        ax.set(title=title, xlabel="layer" if cols is rows else f"{ctx.label('twin')} layer",
-               ylabel="layer" if cols is rows else f"{ctx.model_name} layer")
+        ax.set(
+            title=title,
+            xlabel="layer" if cols is rows else f"{ctx.label('twin')} layer",
+            ylabel="layer" if cols is rows else f"{ctx.model_name} layer",
+        )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="CKA")
-    s.figure(fig, "CKA between layers", "Linear CKA (unbiased minibatch estimator) between the stem and every "
-             "block output, 0 at the bottom left; bright squares along the diagonal are block structure. The "
-             "same colour scale in every panel.")
+    s.figure(
+        fig,
+        "CKA between layers",
+        "Linear CKA (unbiased minibatch estimator) between the stem and every "
+        "block output, 0 at the bottom left; bright squares along the diagonal are block structure. The "
+        "same colour scale in every panel.",
+    )
     fig, ax = plt.subplots(figsize=(7, 3.4))
     names = list(within)
     x = np.arange(len(names))
     ax.plot(x, [within[n]["in_out"] for n in names], "o-", ms=3, label=f"{ctx.model_name}: CKA(input, output)")
     if any("in_branch" in v for v in within.values()):
-        ax.plot(x, [within[n].get("in_branch", np.nan) for n in names], "^:", ms=3,
-                label=f"{ctx.model_name}: CKA(input, F(x))")
+        ax.plot(
+            x,
+            [within[n].get("in_branch", np.nan) for n in names],
+            "^:",
+            ms=3,
+            label=f"{ctx.model_name}: CKA(input, F(x))",
+        )
     if twin_within:
-        ax.plot(x, [twin_within.get(n, np.nan) for n in names], "s--", ms=3,
-                label=f"{ctx.label('twin')}: CKA(input, output)")
+        ax.plot(
+            x,
+            [twin_within.get(n, np.nan) for n in names],
+            "s--",
+            ms=3,
+            label=f"{ctx.label('twin')}: CKA(input, output)",
+        )
     ax.set(xlabel="block", ylabel="CKA", ylim=(min(0, ax.get_ylim()[0]), 1.05), title="What each block changes")
     ax.set_xticks(x, names, rotation=90, fontsize=6)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    s.figure(fig, "Within-block similarity over depth", "For each block, CKA between its input and its output "
-             "(high: the block changed little) and between its input and its branch F(x).")
+    s.figure(
+        fig,
+        "Within-block similarity over depth",
+        "For each block, CKA between its input and its output "
+        "(high: the block changed little) and between its input and its branch F(x).",
+    )

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resinspect import Section, capture, eval_mode, hookimpl, pyplot, residual_blocks
+from resinspect import Section, capture, eval_mode, hookimpl, no_blocks_reason, pyplot, residual_blocks, untraced_note
 
 NAME = "summary"
 
@@ -33,13 +33,12 @@ Binomial(N, 1/2): most paths are of moderate length, and very few are as deep as
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("depth", int, 3, "nesting depth of the torchinfo layer table",
-                check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("depth", int, 3, "nesting depth of the torchinfo layer table", bounds="[1, 20]")
 
 
 def path_length_distribution(n_blocks: int) -> list[tuple[int, int, float]]:
     """``[(length, number of paths, fraction)]`` for ``n_blocks`` residual blocks (Binomial(N, 1/2))."""
-    total = 2 ** n_blocks
+    total = 2**n_blocks
     return [(k, math.comb(n_blocks, k), math.comb(n_blocks, k) / total) for k in range(n_blocks + 1)]
 
 
@@ -56,8 +55,9 @@ def central_range(n_blocks: int, mass: float = 0.95) -> tuple[int, int, float]:
     return max(lo, 0), min(hi, n_blocks), covered
 
 
-def receptive_fields(model: nn.Module, stages: dict[str, nn.Module], in_channels: int, device: torch.device,
-                     size: int = 96) -> dict[str, int]:
+def receptive_fields(
+    model: nn.Module, stages: dict[str, nn.Module], in_channels: int, device: torch.device, size: int = 96
+) -> dict[str, int]:
     """Measured receptive field (pixels, one side) of each stage's output at the centre position."""
     fields = {}
     gen = torch.Generator().manual_seed(0)
@@ -77,15 +77,27 @@ def receptive_fields(model: nn.Module, stages: dict[str, nn.Module], in_channels
 def _torchinfo_rows(model: nn.Module, input_size: tuple[int, ...], depth: int, device: torch.device):
     import torchinfo
 
-    stats = torchinfo.summary(model, input_size=input_size, depth=depth, verbose=0, device=device,
-                              col_names=("output_size", "num_params", "mult_adds"))
+    stats = torchinfo.summary(
+        model,
+        input_size=input_size,
+        depth=depth,
+        verbose=0,
+        device=device,
+        col_names=("output_size", "num_params", "mult_adds"),
+    )
     rows = []
     for layer in stats.summary_list:
         if layer.depth > depth:
             continue
         leaf = layer.is_leaf_layer or layer.depth == depth
-        rows.append(["  " * layer.depth + layer.get_layer_name(True, False), str(list(layer.output_size)),
-                     layer.num_params, layer.macs if leaf else ""])
+        rows.append(
+            [
+                "  " * layer.depth + layer.get_layer_name(True, False),
+                str(list(layer.output_size)),
+                layer.num_params,
+                layer.macs if leaf else "",
+            ]
+        )
     return stats, rows
 
 
@@ -99,25 +111,43 @@ def resinspect_analyze(ctx) -> list[Section]:
 
 
 def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin: bool = False) -> Section:
-    s = Section(title=f"Architecture: {label}" + (" (plain twin)" if is_twin else ""), explanation=EXPLANATION,
-                docs="explainer-paths", role="twin" if is_twin else "model")
+    s = Section(
+        title=f"Architecture: {label}" + (" (plain twin)" if is_twin else ""),
+        explanation=EXPLANATION,
+        docs="explainer-paths",
+        role="twin" if is_twin else "model",
+    )
     data = ctx.data
     input_size = (1, data.in_channels, data.image_size, data.image_size)
     with eval_mode(model):
         stats, rows = _torchinfo_rows(model, input_size, opts["depth"], ctx.device)
     params = sum(p.numel() for p in model.parameters())
-    s.metrics.update({"parameters": params, "trainable_parameters": sum(p.numel() for p in model.parameters()
-                                                                         if p.requires_grad),
-                      "mult_adds": int(stats.total_mult_adds)})
-    s.table(f"Layers (torchinfo, input {list(input_size)})", ["layer", "output shape", "parameters", "mult-adds"],
-            rows, caption=f"Total: {params:,} parameters, {int(stats.total_mult_adds):,} mult-adds per image.",
-            fold=True)
+    s.metrics.update(
+        {
+            "parameters": params,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "mult_adds": int(stats.total_mult_adds),
+        }
+    )
+    s.table(
+        f"Layers (torchinfo, input {list(input_size)})",
+        ["layer", "output shape", "parameters", "mult-adds"],
+        rows,
+        caption=f"Total: {params:,} parameters, {int(stats.total_mult_adds):,} mult-adds per image.",
+        fold=True,
+    )
     blocks = residual_blocks(model)
     n = len(blocks)
     s.metrics["residual_blocks"] = n
-    s.metrics["paths"] = 2 ** n if n <= 62 else f"2^{n}"
+    s.metrics["paths"] = 2**n if n <= 62 else f"2^{n}"
+    note = untraced_note(blocks)
+    if note:
+        s.finding(f"{label}: {note}", "warning")
     if not blocks:
-        s.finding(f"{label}: 0 residual blocks, 1 path — every signal goes through every layer.", "info")
+        s.finding(
+            f"{label}: 0 residual blocks, 1 path — every signal goes through every layer ({no_blocks_reason(blocks)}).",
+            "warning" if note else "info",
+        )
         return s
     stages: dict[str, nn.Module] = {}
     for b in blocks:
@@ -132,18 +162,27 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
     for b in blocks:
         rf = fields.get(b.stage_name) if last_in_stage[b.stage_name] == b.name else None
         table.append([b.name, b.stage, b.downsamples, b.shortcut_kind, b.parameters_count(), rf])
-    s.table("Residual block map", ["block", "stage", "downsamples", "shortcut", "parameters",
-                                   "receptive field at stage output (px)"], table)
+    s.table(
+        "Residual block map",
+        ["block", "stage", "downsamples", "shortcut", "parameters", "receptive field at stage output (px)"],
+        table,
+    )
     for stage, rf in fields.items():
         s.metrics[f"receptive_field/{stage or 'root'}"] = rf
     lo, hi, covered = central_range(n)
     dist = path_length_distribution(n)
     s.metrics.update({"path_length_mean": n / 2, "path_length_95_low": lo, "path_length_95_high": hi})
-    s.table("Unraveled view: paths by length", ["length (branches passed)", "paths", "fraction"],
-            [[k, c if n <= 62 else f"C({n},{k})", f] for k, c, f in dist])
-    s.finding(f"{label} has {n} residual blocks in {len(stages)} stage(s): 2^{n} = {2 ** n:,} paths from input to "
-              f"output. {covered:.1%} of them pass through between {lo} and {hi} branches (mean {n / 2:g}); only "
-              f"{dist[-1][2]:.2g} of the paths use all {n} branches.", "info")
+    s.table(
+        "Unraveled view: paths by length",
+        ["length (branches passed)", "paths", "fraction"],
+        [[k, c if n <= 62 else f"C({n},{k})", f] for k, c, f in dist],
+    )
+    s.finding(
+        f"{label} has {n} residual blocks in {len(stages)} stage(s): 2^{n} = {2**n:,} paths from input to "
+        f"output. {covered:.1%} of them pass through between {lo} and {hi} branches (mean {n / 2:g}); only "
+        f"{dist[-1][2]:.2g} of the paths use all {n} branches.",
+        "info",
+    )
     proj = [b.name for b in blocks if b.shortcut_kind == "projection"]
     if proj:
         s.finding(f"Projection shortcuts (every path must cross them): {', '.join(proj)}.", "info")
@@ -158,7 +197,11 @@ def _path_figure(s: Section, n: int, dist, lo: int, hi: int) -> None:
     ks = [k for k, _, _ in dist]
     fr = [f for _, _, f in dist]
     ax.bar(ks, fr, color=["#2c5aa0" if lo <= k <= hi else "#9db3d6" for k in ks])
-    ax.set(xlabel="path length (branches passed)", ylabel="fraction of paths",
-           title=f"Path lengths of {n} residual blocks: Binomial({n}, 1/2)")
-    s.figure(fig, "Distribution of path lengths", f"Dark bars: the central range {lo}–{hi} holding at least 95% "
-             "of paths.")
+    ax.set(
+        xlabel="path length (branches passed)",
+        ylabel="fraction of paths",
+        title=f"Path lengths of {n} residual blocks: Binomial({n}, 1/2)",
+    )
+    s.figure(
+        fig, "Distribution of path lengths", f"Dark bars: the central range {lo}–{hi} holding at least 95% of paths."
+    )

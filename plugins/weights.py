@@ -29,15 +29,22 @@ layer shows where the shortcuts let the network learn less."""
 @hookimpl
 def resinspect_addoptions(options):
     options.add("gradients", bool, False, "also write gradient histograms to TensorBoard each epoch")
-    options.add("all_parameters", bool, False, "histograms of every parameter (BatchNorm, biases), not only "
-                "the convolution and linear weights")
-    options.add("bins", int, 64, "histogram buckets", check=lambda v: "must be >= 2" if v < 2 else None)
-    options.add("still_threshold", float, 0.01, "relative change below which a layer 'barely moved'",
-                check=lambda v: "must be > 0" if v <= 0 else None)
-    options.add("near_zero", float, 0.01, "|w| below this fraction of the tensor's max |w| counts as near zero",
-                check=lambda v: "must be in (0, 1)" if not 0 < v < 1 else None)
-    options.add("max_points", int, 2000, "weights sampled per layer for the distribution plot",
-                check=lambda v: "must be >= 10" if v < 10 else None)
+    options.add(
+        "all_parameters",
+        bool,
+        False,
+        "histograms of every parameter (BatchNorm, biases), not only the convolution and linear weights",
+    )
+    options.add("bins", int, 64, "histogram buckets", bounds="[2, 10_000]")
+    options.add(
+        "still_threshold", float, 0.01, "relative change below which a layer 'barely moved'", bounds="(0, 1000]"
+    )
+    options.add(
+        "near_zero", float, 0.01, "|w| below this fraction of the tensor's max |w| counts as near zero", bounds="(0, 1)"
+    )
+    options.add(
+        "max_points", int, 2000, "weights sampled per layer for the distribution plot", bounds="[10, 10_000_000]"
+    )
 
 
 @hookimpl
@@ -68,9 +75,13 @@ def weight_stats(w: torch.Tensor, w0: torch.Tensor | None, near_zero: float) -> 
     w = w.detach().float()
     flat = w.reshape(w.shape[0], -1)
     absmax = w.abs().max()
-    stats = {"mean": w.mean().item(), "std": w.std().item() if w.numel() > 1 else 0.0, "max_abs": absmax.item(),
-             "near_zero": (w.abs() < near_zero * absmax).float().mean().item() if absmax > 0 else 1.0,
-             "spectral_norm": torch.linalg.matrix_norm(flat, ord=2).item()}
+    stats = {
+        "mean": w.mean().item(),
+        "std": w.std().item() if w.numel() > 1 else 0.0,
+        "max_abs": absmax.item(),
+        "near_zero": (w.abs() < near_zero * absmax).float().mean().item() if absmax > 0 else 1.0,
+        "spectral_norm": torch.linalg.matrix_norm(flat, ord=2).item(),
+    }
     if w0 is not None:
         w0 = w0.to(w.device).float()
         n0 = torch.linalg.vector_norm(w0)
@@ -79,8 +90,9 @@ def weight_stats(w: torch.Tensor, w0: torch.Tensor | None, near_zero: float) -> 
     return stats
 
 
-def _analyse_network(ctx, role: str, model: nn.Module, opts) -> tuple[list[str], list[dict[str, float]],
-                                                                         list[np.ndarray]]:
+def _analyse_network(
+    ctx, role: str, model: nn.Module, opts
+) -> tuple[list[str], list[dict[str, float]], list[np.ndarray]]:
     init = ctx.initial_state.get(role, {})
     names, stats, samples = [], [], []
     rng = np.random.default_rng(ctx.seed)
@@ -104,28 +116,55 @@ def resinspect_analyze(ctx) -> Section:
         label = ctx.label(role)
         names, stats, samples = _analyse_network(ctx, role, model, opts)
         results[role] = (names, stats, samples)
-        rows = [[n, st["mean"], st["std"], st["max_abs"], st["near_zero"], st["spectral_norm"],
-                 st.get("relative_change", float("nan"))] for n, st in zip(names, stats)]
-        s.table(f"Weights per layer: {label}", ["layer", "mean", "std", "max |w|", "near zero", "spectral norm",
-                                                "‖W−W0‖/‖W0‖"], rows)
+        rows = [
+            [
+                n,
+                st["mean"],
+                st["std"],
+                st["max_abs"],
+                st["near_zero"],
+                st["spectral_norm"],
+                st.get("relative_change", float("nan")),
+            ]
+            for n, st in zip(names, stats)
+        ]
+        s.table(
+            f"Weights per layer: {label}",
+            ["layer", "mean", "std", "max |w|", "near zero", "spectral norm", "‖W−W0‖/‖W0‖"],
+            rows,
+        )
         for n, st in zip(names, stats):
             s.metrics[f"{role}/{n}/relative_change"] = st.get("relative_change", float("nan"))
             s.metrics[f"{role}/{n}/spectral_norm"] = st["spectral_norm"]
-        changes = [(n, st["relative_change"]) for n, st in zip(names, stats)
-                   if np.isfinite(st.get("relative_change", float("nan")))]
+        changes = [
+            (n, st["relative_change"])
+            for n, st in zip(names, stats)
+            if np.isfinite(st.get("relative_change", float("nan")))
+        ]
         if changes:
             s.metrics[f"{role}/median_relative_change"] = float(np.median([c for _, c in changes]))
             still = [n for n, c in changes if c < opts["still_threshold"]]
             if still:
-                s.finding(f"{label}: {len(still)} layer(s) barely moved from initialisation (relative change "
-                          f"< {opts['still_threshold']:g}): {', '.join(still[:6])}{' …' if len(still) > 6 else ''}.",
-                          "info")
-            grew = sorted(((n, st["spectral_norm"] / st["spectral_norm_init"]) for n, st in zip(names, stats)
-                           if st.get("spectral_norm_init")), key=lambda t: -t[1])[:3]
+                s.finding(
+                    f"{label}: {len(still)} layer(s) barely moved from initialisation (relative change "
+                    f"< {opts['still_threshold']:g}): {', '.join(still[:6])}{' …' if len(still) > 6 else ''}.",
+                    "info",
+                )
+            grew = sorted(
+                (
+                    (n, st["spectral_norm"] / st["spectral_norm_init"])
+                    for n, st in zip(names, stats)
+                    if st.get("spectral_norm_init")
+                ),
+                key=lambda t: -t[1],
+            )[:3]
             if grew:
-                s.finding(f"{label}: spectral norm grew most in " + ", ".join(f"{n} (×{g:.2f})" for n, g in grew)
-                          + f"; median relative change of all layers {s.metrics[f'{role}/median_relative_change']:.3f}.",
-                          "info")
+                s.finding(
+                    f"{label}: spectral norm grew most in "
+                    + ", ".join(f"{n} (×{g:.2f})" for n, g in grew)
+                    + f"; median relative change of all layers {s.metrics[f'{role}/median_relative_change']:.3f}.",
+                    "info",
+                )
     if "twin" in results:
         _compare(s, ctx, results)
     _block_column(s, ctx, results["model"])
@@ -138,8 +177,11 @@ def _block_column(s: Section, ctx, result: tuple) -> None:
     names, stats, _ = result
     per = {}
     for b in ctx.blocks("model"):
-        changes = [st["relative_change"] for n, st in zip(names, stats)
-                   if n.startswith(b.name + ".") and np.isfinite(st.get("relative_change", float("nan")))]
+        changes = [
+            st["relative_change"]
+            for n, st in zip(names, stats)
+            if n.startswith(b.name + ".") and np.isfinite(st.get("relative_change", float("nan")))
+        ]
         if changes:
             per[b.name] = float(np.median(changes))
     if per:
@@ -150,39 +192,61 @@ def _compare(s: Section, ctx, results) -> None:
     names_m, stats_m, _ = results["model"]
     names_t, stats_t, _ = results["twin"]
     twin = dict(zip(names_t, stats_t))
-    rows = [[n, st.get("relative_change", float("nan")), twin[n].get("relative_change", float("nan")),
-             st["spectral_norm"], twin[n]["spectral_norm"]] for n, st in zip(names_m, stats_m) if n in twin]
+    rows = [
+        [
+            n,
+            st.get("relative_change", float("nan")),
+            twin[n].get("relative_change", float("nan")),
+            st["spectral_norm"],
+            twin[n]["spectral_norm"],
+        ]
+        for n, st in zip(names_m, stats_m)
+        if n in twin
+    ]
     if not rows:
         return
-    s.table(f"Residual vs plain, layer for layer ({ctx.label('model')} vs {ctx.label('twin')})",
-            ["layer", "change (residual)", "change (plain)", "spectral norm (residual)", "spectral norm (plain)"], rows)
+    s.table(
+        f"Residual vs plain, layer for layer ({ctx.label('model')} vs {ctx.label('twin')})",
+        ["layer", "change (residual)", "change (plain)", "spectral norm (residual)", "spectral norm (plain)"],
+        rows,
+    )
     rm = float(np.nanmedian([r[1] for r in rows]))
     pm = float(np.nanmedian([r[2] for r in rows]))
     s.metrics.update({"shared_layers_median_change_model": rm, "shared_layers_median_change_twin": pm})
-    s.finding(f"Residual vs plain: over the {len(rows)} layers both networks share, the median relative change "
-              f"from initialisation is {rm:.3f} with shortcuts and {pm:.3f} without.", "info")
+    s.finding(
+        f"Residual vs plain: over the {len(rows)} layers both networks share, the median relative change "
+        f"from initialisation is {rm:.3f} with shortcuts and {pm:.3f} without.",
+        "info",
+    )
 
 
 def _figures(s: Section, ctx, results) -> None:
     plt = pyplot()
     import seaborn as sns
 
-    for role, (names, stats, samples) in results.items():
+    for role, (names, _stats, samples) in results.items():
         if not names:
             continue
         label = ctx.label(role)
         fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 3.8))
-        sns.violinplot(data=[v for v in samples], ax=ax, inner=None, cut=0, density_norm="width", linewidth=0.5,
-                       color="#9db3d6")
+        sns.violinplot(
+            data=[v for v in samples], ax=ax, inner=None, cut=0, density_norm="width", linewidth=0.5, color="#9db3d6"
+        )
         ax.set_xticks(range(len(names)), names, rotation=75, fontsize=6)
         ax.set(ylabel="weight value", title=f"Weight distribution per layer: {label}")
-        s.figure(fig, f"Weight distributions: {label}", "One violin per convolution/linear weight, from a sample "
-                 "of its values, after training.")
+        s.figure(
+            fig,
+            f"Weight distributions: {label}",
+            "One violin per convolution/linear weight, from a sample of its values, after training.",
+        )
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    for role, (names, stats, _) in results.items():
+    for role, (_names, stats, _) in results.items():
         label = ctx.label(role)
         ax.plot([st.get("relative_change", np.nan) for st in stats], marker="o", ms=3, label=label)
     ax.set(xlabel="layer index (input → output)", ylabel="‖W − W0‖ / ‖W0‖", title="How much each layer learned")
     ax.legend()
-    s.figure(fig, "Relative change from initialisation", "Per convolution/linear layer; higher means the layer "
-             "moved further from its initial weights.")
+    s.figure(
+        fig,
+        "Relative change from initialisation",
+        "Per convolution/linear layer; higher means the layer moved further from its initial weights.",
+    )

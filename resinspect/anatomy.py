@@ -19,14 +19,26 @@ from __future__ import annotations
 
 import operator
 import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 
-__all__ = ["ResidualBlock", "residual_blocks", "bypass", "drop_skip", "NoResidualBlocks", "require_blocks",
-           "forwards_replaced", "replace_forward", "restore_forwards"]
+__all__ = [
+    "ResidualBlock",
+    "Blocks",
+    "residual_blocks",
+    "bypass",
+    "drop_skip",
+    "NoResidualBlocks",
+    "require_blocks",
+    "forwards_replaced",
+    "replace_forward",
+    "restore_forwards",
+    "no_blocks_reason",
+    "untraced_note",
+]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -60,8 +72,16 @@ class ResidualBlock:
         shortcut_module: name of the projection child, or None.
     """
 
-    def __init__(self, name: str, module: nn.Module, graph: fx.Graph, add: fx.Node,
-                 branch_node: fx.Node, shortcut_node: fx.Node, shortcut_kind: str):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        graph: fx.Graph,
+        add: fx.Node,
+        branch_node: fx.Node,
+        shortcut_node: fx.Node,
+        shortcut_kind: str,
+    ):
         self.name = name
         self.module = module
         self.index = -1
@@ -74,16 +94,19 @@ class ResidualBlock:
         self.downsamples = any(
             (isinstance(m, nn.modules.conv._ConvNd) and max(m.stride) > 1)
             or isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))
-            for m in module.modules())
+            for m in module.modules()
+        )
 
     def __repr__(self) -> str:
-        return (f"ResidualBlock({self.name!r}, stage={self.stage}, downsamples={self.downsamples}, "
-                f"shortcut={self.shortcut_kind})")
+        return (
+            f"ResidualBlock({self.name!r}, stage={self.stage}, downsamples={self.downsamples}, "
+            f"shortcut={self.shortcut_kind})"
+        )
 
     @property
     def branch_modules(self) -> list[str]:
         """Names of the child modules on the branch, in order (e.g. conv1, bn1, ...)."""
-        return [n.target for n in _ancestors(self._branch) if n.op == "call_module"]
+        return [str(n.target) for n in _ancestors(self._branch) if n.op == "call_module"]
 
     def parameters_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -128,15 +151,21 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
 
 
 def _is_add(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _ADD_METHODS))
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+
+
+class _Untraceable(Exception):
+    """torch.fx could not trace a module's forward (data-dependent control flow, ...)."""
 
 
 def _find_residual_add(module: nn.Module) -> tuple[fx.Graph, fx.Node, fx.Node, fx.Node, str] | None:
     try:
         graph = _ChildrenAsLeaves().trace(module)
-    except Exception:  # noqa: BLE001 - untraceable forward (data-dependent control flow): not a block we can switch
-        return None
+    except Exception as e:  # noqa: BLE001 - untraceable forward (data-dependent control flow): not a block we can switch
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise _Untraceable(f"{type(e).__name__}: {first}" if first else type(e).__name__) from e
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return None
@@ -157,7 +186,7 @@ def _find_residual_add(module: nn.Module) -> tuple[fx.Graph, fx.Node, fx.Node, f
             s = (a, b)[kinds.index("identity")]
         elif kinds == ["projection", "projection"]:
             # x-only modules on both sides: the lighter one is the shortcut
-            s = min((a, b), key=lambda n: sum(p.numel() for p in module.get_submodule(n.target).parameters()))
+            s = min((a, b), key=lambda n: sum(p.numel() for p in module.get_submodule(str(n.target)).parameters()))
         elif "projection" in kinds:
             s = (a, b)[kinds.index("projection")]
         else:
@@ -165,7 +194,7 @@ def _find_residual_add(module: nn.Module) -> tuple[fx.Graph, fx.Node, fx.Node, f
         f = b if s is a else a
         if x not in _ancestors(f) or not any(n.op == "call_module" for n in _ancestors(f)):
             continue
-        found.append((graph, node, f, s, _shortcut_kind(module, s, x)))
+        found.append((graph, node, f, s, _shortcut_kind(module, s, x) or "identity"))
     return found[0] if len(found) == 1 else None
 
 
@@ -173,7 +202,7 @@ def _shortcut_kind(module: nn.Module, node: fx.Node, x: fx.Node) -> str | None:
     if node is x:
         return "identity"
     if node.op == "call_module" and node.all_input_nodes == [x] and len(node.args) == 1:
-        child = module.get_submodule(node.target)
+        child = module.get_submodule(str(node.target))
         return "identity" if isinstance(child, nn.Identity) else "projection"
     return None
 
@@ -209,7 +238,7 @@ def _rewrite(block: ResidualBlock, mode: str) -> fx.Graph:
             raise ValueError(f"unknown switch mode '{mode}'; valid: bypass, drop_skip, branch, shortcut")
         add.replace_all_uses_with(replacement)
         graph.erase_node(add)
-    graph.owning_module = block.module  # the purity check of dead-code elimination looks modules up there
+    graph.owning_module = block.module  # type: ignore[assignment]  # the purity check of dead-code elimination looks modules up there
     graph.eliminate_dead_code()
     return graph
 
@@ -234,13 +263,52 @@ def _bind(graph: fx.Graph, module: nn.Module) -> Callable[..., torch.Tensor]:
     return types.MethodType(fn, module)
 
 
-def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
-    """The residual blocks of ``model`` in forward (registration) order.
+class Blocks(list):
+    """The list :func:`residual_blocks` returns: the blocks, plus ``untraced``, the modules whose forward torch.fx
+    could not trace (``[(qualified name, type name, error)]``): a residual block among them would be missed, so
+    reports say so instead of calling the network plain."""
+
+    untraced: list[tuple[str, str, str]]
+
+    def __init__(self, items: Iterable[ResidualBlock] = (), untraced: Iterable[tuple[str, str, str]] = ()):
+        super().__init__(items)
+        self.untraced = list(untraced)
+
+
+def no_blocks_reason(blocks: Sequence[ResidualBlock]) -> str:
+    """Why a network has no residual blocks, in words: a plain network, or the modules that could not be
+    traced and the tracer's error (when :func:`residual_blocks` found some)."""
+    untraced = getattr(blocks, "untraced", [])
+    if not untraced:
+        return "a plain network, or a forward that never adds a module's input to a branch"
+    name, kind, error = untraced[0]
+    more = f" and {len(untraced) - 1} more module(s)" if len(untraced) > 1 else ""
+    where = f"module '{name}' ({kind})" if name else f"the model's own forward ({kind})"
+    return f"torch.fx could not trace {where}{more}, so no residual addition could be looked for there: {error}"
+
+
+def untraced_note(blocks: Sequence[ResidualBlock]) -> str | None:
+    """A sentence naming the modules that could not be traced, or None when every module was traced."""
+    untraced = getattr(blocks, "untraced", [])
+    if not untraced:
+        return None
+    names = ", ".join(f"'{n}' ({k})" if n else f"the model's own forward ({k})" for n, k, _ in untraced[:5])
+    more = f" and {len(untraced) - 5} more" if len(untraced) > 5 else ""
+    return (
+        f"torch.fx could not trace {len(untraced)} module(s), which were not examined for residual additions: "
+        f"{names}{more}. First error: {untraced[0][2]}"
+    )
+
+
+def residual_blocks(model: nn.Module) -> Blocks:
+    """The residual blocks of ``model`` in forward (registration) order, as a :class:`Blocks` list (whose
+    ``untraced`` names the modules that torch.fx could not trace, with the error).
 
     Blocks nested inside another block's branch are not listed separately.
     A plain network gives an empty list.
     """
     blocks: list[ResidualBlock] = []
+    untraced: list[tuple[str, str, str]] = []
     inside: list[str] = []
     for name, module in model.named_modules():
         if not name and module is model and not list(module.children()):
@@ -249,7 +317,11 @@ def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
             continue
         if not list(module.children()) or type(module) in _CONTAINERS:
             continue  # a container's own forward only chains its children: nothing to trace
-        found = _find_residual_add(module)
+        try:
+            found = _find_residual_add(module)
+        except _Untraceable as e:
+            untraced.append((name, type(module).__name__, str(e)))
+            continue
         if found is None:
             continue
         blocks.append(ResidualBlock(name, module, *found))
@@ -258,7 +330,9 @@ def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
     for i, b in enumerate(blocks):
         b.index = i
         b.stage = stages.setdefault(b.stage_name, len(stages) + 1)
-    return blocks
+    # a module inside a found block was never traced on its own: only the others count
+    untraced = [u for u in untraced if not any(u[0].startswith(p + ".") for p in inside)]
+    return Blocks(blocks, untraced)
 
 
 def require_blocks(model: nn.Module, what: str = "this analysis") -> list[ResidualBlock]:
@@ -266,27 +340,26 @@ def require_blocks(model: nn.Module, what: str = "this analysis") -> list[Residu
     blocks = residual_blocks(model)
     if not blocks:
         raise NoResidualBlocks(
-            f"{what} needs residual blocks, and {type(model).__name__} has none "
-            "(a plain network, or a forward that never adds a module's input to a branch)")
+            f"{what} needs residual blocks, and {type(model).__name__} has none ({no_blocks_reason(blocks)})"
+        )
     return blocks
 
 
-def _resolve(model: nn.Module, blocks: Iterable[ResidualBlock | str] | ResidualBlock | str) -> list[ResidualBlock]:
-    if isinstance(blocks, (ResidualBlock, str)):
-        blocks = [blocks]
-    blocks = list(blocks)
-    if any(isinstance(b, str) for b in blocks):
-        known = {b.name: b for b in residual_blocks(model)}
-        resolved = []
-        for b in blocks:
-            if isinstance(b, str):
-                if b not in known:
-                    from .errors import UnknownNameError
-                    raise UnknownNameError("residual block", b, known)
-                b = known[b]
-            resolved.append(b)
-        blocks = resolved
-    return blocks
+def _resolve(model: nn.Module, given: Iterable[ResidualBlock | str] | ResidualBlock | str) -> list[ResidualBlock]:
+    items = [given] if isinstance(given, (ResidualBlock, str)) else list(given)
+    if not any(isinstance(b, str) for b in items):
+        return [b for b in items if isinstance(b, ResidualBlock)]
+    known = {b.name: b for b in residual_blocks(model)}
+    resolved = []
+    for b in items:
+        if isinstance(b, str):
+            if b not in known:
+                from .errors import UnknownNameError
+
+                raise UnknownNameError("residual block", b, known)
+            b = known[b]
+        resolved.append(b)
+    return resolved
 
 
 def replace_forward(module: nn.Module, forward: Callable) -> tuple[nn.Module, object]:
@@ -302,7 +375,7 @@ def restore_forwards(saved: Sequence[tuple[nn.Module, object]]) -> None:
         if previous is _MISSING:
             module.__dict__.pop("forward", None)
         else:
-            module.forward = previous
+            module.forward = previous  # type: ignore[assignment]  # (saved by replace_forward: a callable)
 
 
 @contextmanager
@@ -340,7 +413,15 @@ def drop_skip(model: nn.Module, blocks: Sequence[ResidualBlock | str] | Residual
 
 def block_table(blocks: Sequence[ResidualBlock]) -> list[dict[str, object]]:
     """JSON-able description of blocks, for results.json and reports."""
-    return [{"index": b.index, "name": b.name, "stage": b.stage, "downsamples": b.downsamples,
-             "shortcut": b.shortcut_kind, "parameters": b.parameters_count(),
-             "branch": b.branch_modules} for b in blocks]
-
+    return [
+        {
+            "index": b.index,
+            "name": b.name,
+            "stage": b.stage,
+            "downsamples": b.downsamples,
+            "shortcut": b.shortcut_kind,
+            "parameters": b.parameters_count(),
+            "branch": b.branch_modules,
+        }
+        for b in blocks
+    ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -73,7 +74,7 @@ def _typed_args(click_ctx: click.Context, leave_out: tuple[str, ...]) -> list[st
             elif param.secondary_opts:
                 out.append(param.secondary_opts[0])
             continue
-        for v in (value if param.multiple else [value]):
+        for v in value if param.multiple else [value]:
             out += [param.opts[0], str(v)]
     return out
 
@@ -81,20 +82,27 @@ def _typed_args(click_ctx: click.Context, leave_out: tuple[str, ...]) -> list[st
 def _launch(nproc: int, args: list[str]) -> int:
     """Run ``python -m resinspect ARGS`` as ``nproc`` processes under torchrun's elastic agent on this machine;
     a failed rank is reported in one line. Returns the exit status."""
+    import logging
     import os
+    import tempfile
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    import logging
-    import tempfile
-
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+    )
     with tempfile.TemporaryDirectory(prefix="resinspect-launch-") as tmp:
         os.environ[RUN_DIR_FILE_ENV] = str(Path(tmp) / "run_dir")  # rank 0 says where its run directory is
         try:
@@ -120,17 +128,25 @@ RUN_DIR_FILE_ENV = "RESINSPECT_RUN_DIR_FILE"
 
 
 def _mark_failed(pointer: Path, cause: str) -> None:
-    """Record the failing rank's error in rank 0's results.json (which another rank's failure cut short)."""
-    from .rundir import write_atomic
+    """Record the failing rank's error in rank 0's results.json, whatever rank 0 wrote there (a rank's failure
+    can come after rank 0 finished), and re-render a report that rank 0 wrote, so that it says "failed"."""
+    from .rundir import render_run, write_atomic
 
     try:
-        path = Path(pointer.read_text(encoding="utf-8").strip()) / "results.json"
+        run_dir = Path(pointer.read_text(encoding="utf-8").strip())
+        path = run_dir / "results.json"
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if d.get("status") in ("running", "failed"):
-        d["status"], d["error"] = "failed", cause
-        write_atomic(path, json.dumps(d, indent=2))
+    if not isinstance(d, dict):
+        return
+    d["status"], d["error"] = "failed", cause
+    write_atomic(path, json.dumps(d, indent=2))
+    if (run_dir / "index.html").is_file():
+        try:
+            render_run(run_dir)
+        except ResinspectError:
+            (run_dir / "index.html").unlink(missing_ok=True)  # never a report that looks complete
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -149,13 +165,26 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, Any]:
 def _command_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options of run/train that are not run settings: the config file, dataset arguments, overwrite, quiet."""
     opts = [
-        click.option("--config", "config", type=click.Path(dir_okay=False), help="TOML config file: [run], [train], "
-                     "[data] and one table per plugin. Command-line options override it."),
-        click.option("--data-arg", multiple=True, metavar="KEY=VALUE",
-                     help="Dataset argument, e.g. size=16 or limit_train=500 (repeatable)."),
+        click.option(
+            "--config",
+            "config",
+            type=click.Path(dir_okay=False),
+            help="TOML config file: [run], [train], [data] and one table per plugin. Command-line options override it.",
+        ),
+        click.option(
+            "--data-arg",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Dataset argument, e.g. size=16 or limit_train=500 (repeatable).",
+        ),
         click.option("--overwrite", is_flag=True, help="Replace a run already in --out."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars (they are also off when stderr is not "
-                     "a terminal)."),
+        click.option(
+            "--quiet",
+            "-q",
+            is_flag=True,
+            help="No progress bars (they are also off when stderr is not "
+            "a terminal; then each phase, epoch and plugin prints one line with its seconds instead).",
+        ),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -191,8 +220,9 @@ def _print_summary(result: Any) -> None:
             for f in sec.findings:
                 click.echo(f"  [{click.style(f.severity, fg=_SEV_COLOURS[f.severity])}] {name}: {f.text}")
     status = result.status
-    click.secho(f"\nrun {status}: {result.run_dir / 'index.html'}", fg="green" if status == "complete" else "red",
-                bold=True)
+    click.secho(
+        f"\nrun {status}: {result.run_dir / 'index.html'}", fg="green" if status == "complete" else "red", bold=True
+    )
     click.echo(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 
 
@@ -223,16 +253,28 @@ def _run_command(group: click.Group, rows: Any) -> None:
     @group.command("run")
     @click_options("run", rows)
     @_command_options
-    @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
-                  help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).")
-    @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
-                  help="Run across N processes on this machine (torchrun's launcher: gloo on CPU, one GPU per "
-                       "process with NCCL); the same results as one process. Or start `torchrun "
-                       "--nproc-per-node N -m resinspect run ...` yourself.")
+    @click.option(
+        "-o",
+        "--option",
+        "options",
+        multiple=True,
+        metavar="PLUGIN.NAME=VALUE",
+        help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).",
+    )
+    @click.option(
+        "--nproc",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Run across N processes on this machine (torchrun's launcher: gloo on CPU, one GPU per "
+        "process with NCCL); the same results as one process. Or start `torchrun "
+        "--nproc-per-node N -m resinspect run ...` yourself.",
+    )
     @click.pass_context
     @_friendly
-    def run_cmd(click_ctx: click.Context, options: tuple[str, ...], quiet: bool, overwrite: bool,
-                nproc: int | None, **kw: Any) -> None:
+    def run_cmd(
+        click_ctx: click.Context, options: tuple[str, ...], quiet: bool, overwrite: bool, nproc: int | None, **kw: Any
+    ) -> None:
         """Train (or load) a model, run the analysis plugins, write the report.
 
         With no arguments: resnet20 on digits, 8 epochs, the default plugins,
@@ -246,8 +288,14 @@ def _run_command(group: click.Group, rows: Any) -> None:
         from .runner import run
 
         settings = _settings(kw, rows)
-        result = run(settings=settings, options=list(options), progress=not quiet and sys.stderr.isatty(),
-                     overwrite=overwrite)
+        tty = sys.stderr.isatty()
+        result = run(
+            settings=settings,
+            options=list(options),
+            progress=not quiet and tty,
+            narrate=not quiet and not tty,
+            overwrite=overwrite,
+        )
         if _rank() == 0:
             _print_summary(result)
         click_ctx.exit(result.exit_code)
@@ -271,7 +319,8 @@ def _train_command(group: click.Group, rows: Any) -> None:
 
         settings = _settings(kw, rows)
         settings.plugins = []
-        result = run(settings=settings, progress=not quiet and sys.stderr.isatty(), overwrite=overwrite)
+        tty = sys.stderr.isatty()
+        result = run(settings=settings, progress=not quiet and tty, narrate=not quiet and not tty, overwrite=overwrite)
         final = result.results.training.get("model", {}).get("epochs", [{}])[-1:] or [{}]
         if final[0]:
             click.echo(f"test accuracy {final[0]['test_accuracy']:.3f} after {final[0]['epoch']} epochs")
@@ -288,21 +337,51 @@ def _sweep_command(group: click.Group, rows: Any) -> None:
     shared = [r for r in table if r.name not in ("model", "seed", "out", "checkpoint")]
 
     @group.command("sweep")
-    @click.option("--models", required=True, metavar="NAME,NAME,...",
-                  help="Comma-separated models, e.g. resnet20,resnet32,resnet56 (or plain20,resnet20,...).")
+    @click.option(
+        "--models",
+        required=True,
+        metavar="NAME,NAME,...",
+        help="Comma-separated models, e.g. resnet20,resnet32,resnet56 (or plain20,resnet20,...).",
+    )
     @click.option("--seeds", default="0", show_default=True, metavar="N,N,...", help="Comma-separated seeds.")
     @click_options("run", shared)
     @_command_options
-    @click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE",
-                  help="Set a plugin option for every run (repeatable).")
-    @click.option("--out", "-O", "sweep_out", type=click.Path(file_okay=False),
-                  help="The sweep folder (default: <reports-root>/sweep-<models>). Rerunning into it resumes.")
-    @click.option("--jobs", "-j", default=1, show_default=True, type=click.IntRange(min=1),
-                  help="Runs at once, in separate processes; the CPU threads are divided among them.")
+    @click.option(
+        "-o",
+        "--option",
+        "options",
+        multiple=True,
+        metavar="PLUGIN.NAME=VALUE",
+        help="Set a plugin option for every run (repeatable).",
+    )
+    @click.option(
+        "--out",
+        "-O",
+        "sweep_out",
+        type=click.Path(file_okay=False),
+        help="The sweep folder (default: <reports-root>/sweep-<models>). Rerunning into it resumes.",
+    )
+    @click.option(
+        "--jobs",
+        "-j",
+        default=1,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Runs at once, in separate processes; the CPU threads are divided among them.",
+    )
     @click.pass_context
     @_friendly
-    def sweep_cmd(click_ctx: click.Context, models: str, seeds: str, options: tuple[str, ...], quiet: bool,
-                  overwrite: bool, sweep_out: str | None, jobs: int, **kw: Any) -> None:
+    def sweep_cmd(
+        click_ctx: click.Context,
+        models: str,
+        seeds: str,
+        options: tuple[str, ...],
+        quiet: bool,
+        overwrite: bool,
+        sweep_out: str | None,
+        jobs: int,
+        **kw: Any,
+    ) -> None:
         """Train and analyse every (model, seed) combination into one sweep folder.
 
         Each combination is an ordinary run directory (every run option applies to
@@ -315,18 +394,28 @@ def _sweep_command(group: click.Group, rows: Any) -> None:
         from .sweep import sweep
 
         settings = _settings(kw, rows)
-        result = sweep([m for m in models.split(",")], [x for x in seeds.split(",") if x.strip()], out=sweep_out,
-                       jobs=jobs, settings=settings, options=list(options), overwrite=overwrite,
-                       progress=not quiet and sys.stderr.isatty() and jobs == 1, echo=click.echo)
+        result = sweep(
+            [m for m in models.split(",")],
+            [x for x in seeds.split(",") if x.strip()],
+            out=sweep_out,
+            jobs=jobs,
+            settings=settings,
+            options=list(options),
+            overwrite=overwrite,
+            progress=not quiet and sys.stderr.isatty() and jobs == 1,
+            echo=click.echo,
+        )
         click.echo("")
         for f in result.aggregate.get("findings", []):
             click.echo(f"  [{click.style(f['severity'], fg=_SEV_COLOURS[f['severity']])}] {f['text']}")
         bad = [r for r in result.runs if r.status != "complete"]
         for r in bad:
-            click.secho(f"  {r.model} seed {r.seed}: {r.status}{': ' + r.error if r.error else ''}", fg="red",
-                        err=True)
-        click.secho(f"\nsweep {'complete' if not bad else 'finished with problems'}: {result.sweep_dir / 'index.html'}",
-                    fg="green" if not bad else "red", bold=True)
+            click.secho(f"  {r.model} seed {r.seed}: {r.status}{': ' + r.error if r.error else ''}", fg="red", err=True)
+        click.secho(
+            f"\nsweep {'complete' if not bad else 'finished with problems'}: {result.sweep_dir / 'index.html'}",
+            fg="green" if not bad else "red",
+            bold=True,
+        )
         click_ctx.exit(result.exit_code)
 
 
@@ -351,6 +440,7 @@ def plugins_cmd(as_json: bool) -> None:
         for o in p["options"]:
             which = "one or more of" if o["type"] == "list" else "one of"
             choices = f"; {which} {', '.join(map(str, o['choices']))}" if o["choices"] else ""
+            choices += f" in {o['bounds']}" if o.get("bounds") else ""
             setting = f"-o {p['name']}.{o['name']}={_cli_value(o['default'])}"
             click.echo(f"    {setting}\n        ({o['type']}{choices}) {o['help']}")
 
@@ -365,8 +455,10 @@ def models_cmd() -> None:
     for spec in MODELS.values():
         source = "" if spec.source == "resinspect" else f" [{spec.source}]"
         click.echo(f"{spec.name:<24} {spec.description}{source}")
-    click.echo(f"{'package.module:function':<24} your own factory; called with in_channels, num_classes, image_size "
-               "if it accepts them")
+    click.echo(
+        f"{'package.module:function':<24} your own factory; called with in_channels, num_classes, image_size "
+        "if it accepts them"
+    )
 
 
 @click.command("datasets")
@@ -400,8 +492,9 @@ def report_cmd(run_dir: str) -> None:
 
 @click.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="RUN_DIR...")
-@click.option("--out", default="compare.html", show_default=True, type=click.Path(dir_okay=False),
-              help="The HTML page to write.")
+@click.option(
+    "--out", default="compare.html", show_default=True, type=click.Path(dir_okay=False), help="The HTML page to write."
+)
 @_friendly
 def compare_cmd(run_dirs: tuple[str, ...], out: str) -> None:
     """Put two or more runs (RUN_DIR...) side by side from their results.json files (no model needed): settings
@@ -428,8 +521,12 @@ def new_plugin_cmd(name: str, parent: str) -> None:
 
     taken = PluginHost().available.get(name)
     if taken is not None:
-        click.secho(f"warning: a plugin named '{name}' is already installed ({taken.source}); the two will clash "
-                    "in `--plugins`: consider another name", fg="yellow", err=True)
+        click.secho(
+            f"warning: a plugin named '{name}' is already installed ({taken.source}); the two will clash "
+            "in `--plugins`: consider another name",
+            fg="yellow",
+            err=True,
+        )
     root = new_plugin(name, parent)
     # a bare folder name is read by pip as a package to download: give it a path
     target = root if root.is_absolute() or str(root).startswith((".", os.sep)) else f".{os.sep}{root}"

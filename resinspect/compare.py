@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from markupsafe import Markup
 
@@ -106,16 +107,20 @@ def _metrics(r: Results) -> dict[str, Any]:
 def _curves_png(cmp: Comparison) -> str | None:
     from .section import Figure, pyplot
 
-    series = [(name, role, [e.get("test_accuracy") for e in h.get("epochs", [])])
-              for name, r in zip(cmp.names, cmp.results) for role, h in r.training.items()]
+    series = [
+        (name, role, [e.get("test_accuracy") for e in h.get("epochs", [])])
+        for name, r in zip(cmp.names, cmp.results)
+        for role, h in r.training.items()
+    ]
     series = [s for s in series if s[2]]
     if not series:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for name, role, acc in series:
-        ax.plot(range(1, len(acc) + 1), acc, "-" if role == "model" else "--", marker="o", ms=3,
-                label=f"{name} ({role})")
+        ax.plot(
+            range(1, len(acc) + 1), acc, "-" if role == "model" else "--", marker="o", ms=3, label=f"{name} ({role})"
+        )
     ax.set(xlabel="epoch", ylabel="test accuracy", title="Training curves")
     ax.legend(fontsize=7)
     return base64.b64encode(Figure.from_matplotlib(fig, "Training curves").png).decode("ascii")
@@ -125,8 +130,9 @@ def _findings(cmp: Comparison) -> list[dict[str, Any]]:
     rows = []
     plugins = list(dict.fromkeys(n for r in cmp.results for n in r.plugins))
     for p in plugins:
-        per_run = [[f.text for s in (r.plugins[p].sections if p in r.plugins else []) for f in s.findings]
-                   for r in cmp.results]
+        per_run = [
+            [f.text for s in (r.plugins[p].sections if p in r.plugins else []) for f in s.findings] for r in cmp.results
+        ]
         if any(x != per_run[0] for x in per_run):
             rows.append({"plugin": p, "runs": per_run})
     return rows
@@ -136,13 +142,19 @@ def _figures(cmp: Comparison) -> list[dict[str, Any]]:
     out = []
     plugins = list(dict.fromkeys(n for r in cmp.results for n in r.plugins))
     for p in plugins:
-        per_run = [[f for s in (r.plugins[p].sections if p in r.plugins else []) for f in s.figures]
-                   for r in cmp.results]
+        per_run = [
+            [f for s in (r.plugins[p].sections if p in r.plugins else []) for f in s.figures] for r in cmp.results
+        ]
         for i in range(max(len(x) for x in per_run)):
             figs = [x[i] if i < len(x) else None for x in per_run]
             title = next(f.title for f in figs if f is not None)
-            out.append({"plugin": p, "title": title,
-                        "cells": [None if f is None else base64.b64encode(f.png).decode("ascii") for f in figs]})
+            out.append(
+                {
+                    "plugin": p,
+                    "title": title,
+                    "cells": [None if f is None else base64.b64encode(f.png).decode("ascii") for f in figs],
+                }
+            )
     return out
 
 
@@ -186,8 +198,12 @@ def render_compare_html(cmp: Comparison) -> str:
 
     env = _env()  # the run report's: autoescape, strict, the same number formatting
     css = resources.files("resinspect.report").joinpath("templates/report.css").read_text(encoding="utf-8")
-    header = [("model", [r.model.get("name") for r in cmp.results]), ("data", [r.data.get("name") for r in cmp.results]),
-              ("status", [r.status for r in cmp.results]), ("started", [r.run.started for r in cmp.results])]
+    header = [
+        ("model", [r.model.get("name") for r in cmp.results]),
+        ("data", [r.data.get("name") for r in cmp.results]),
+        ("status", [r.status for r in cmp.results]),
+        ("started", [r.run.started for r in cmp.results]),
+    ]
     rows = []
     for k, values in cmp.metrics:
         differs = not _same(values)
@@ -196,5 +212,14 @@ def render_compare_html(cmp: Comparison) -> str:
             delta = float(values[1]) - float(values[0])
         rows.append((k, values, differs, delta))
     return env.from_string(_TEMPLATE).render(
-        names=cmp.names, header=header, config=cmp.config, metrics=rows, n_diff=len(cmp.differences),
-        findings=_findings(cmp), blocks=cmp.blocks, figures=_figures(cmp), curves=_curves_png(cmp), css=Markup(css))
+        names=cmp.names,
+        header=header,
+        config=cmp.config,
+        metrics=rows,
+        n_diff=len(cmp.differences),
+        findings=_findings(cmp),
+        blocks=cmp.blocks,
+        figures=_figures(cmp),
+        curves=_curves_png(cmp),
+        css=Markup(css),
+    )

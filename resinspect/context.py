@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-import sys
-from typing import Any, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .anatomy import ResidualBlock, residual_blocks
+from .anatomy import Blocks, ResidualBlock, residual_blocks
 from .data import DataBundle
+from .data.bundle import dataset_size
 from .distributed import SINGLE, Distributed
 from .errors import ResinspectError, UnknownNameError
 from .tensorboard import TensorBoardRuns
@@ -20,6 +22,19 @@ from .tensorboard import TensorBoardRuns
 __all__ = ["RunContext", "Stash", "StashKey"]
 
 T = TypeVar("T")
+
+
+def _limited(loader: Iterable[Any], limit: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    seen = 0
+    for x, y in loader:
+        if limit and seen + len(y) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        if len(y) == 0:
+            break
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        seen += len(y)
+        if limit and seen >= limit:
+            break
 
 
 class StashKey(Generic[T]):
@@ -117,9 +132,13 @@ class RunContext:
         return [("model", self.model)] + ([("twin", self.twin)] if self.twin is not None else [])
 
     def blocks(self, role: str = "model") -> list[ResidualBlock]:
-        """The residual blocks of a network (cached; the twin has none: see :meth:`twin_counterparts`)."""
+        """The residual blocks of a network, a :class:`~resinspect.anatomy.Blocks` list (cached). A plain twin
+        has none, and without a twin ``blocks("twin")`` is empty too: see :meth:`twin_counterparts`."""
+        if role not in ("model", "twin"):
+            raise ResinspectError(f"unknown network role '{role}'; valid: model, twin")
         if role not in self._block_cache:
-            self._block_cache[role] = residual_blocks(self.model if role == "model" else self.twin)
+            network = self.model if role == "model" else self.twin
+            self._block_cache[role] = residual_blocks(network) if network is not None else Blocks()
         return self._block_cache[role]
 
     def twin_counterparts(self) -> list[tuple[ResidualBlock, nn.Module | None]]:
@@ -142,30 +161,34 @@ class RunContext:
             self.initial_state[role] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
     # -- data ----------------------------------------------------------------------------------
-    def test_batches(self, limit: int = 0):
-        """Yield ``(x, y)`` test batches on the device.
+    def test_batches(self, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` test batches on the device (``ctx.device``).
 
         ``limit`` counts *images*, not batches: iteration stops once ``limit`` images were yielded, and the
         last batch is cut to fit (``limit=100`` with batches of 64 gives 64 + 36). ``0`` means the whole test
-        set. The order is fixed (the test loader does not shuffle).
+        set. The order is fixed (the test loader does not shuffle), so every call yields the same batches.
         """
-        seen = 0
-        for x, y in self.test_loader:
-            if limit and seen + len(y) > limit:
-                x, y = x[: limit - seen], y[: limit - seen]
-            if len(y) == 0:
-                break
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            seen += len(y)
-            if limit and seen >= limit:
-                break
+        return _limited(self.test_loader, limit, self.device)
 
-    def train_batches(self, count: int):
-        """Yield up to ``count`` training *batches* on the device (in the loader's order)."""
-        for i, (x, y) in enumerate(self.train_loader):
-            if i >= count:
-                break
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def train_batches(self, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` training batches on the device, for analyses that need training data (BatchNorm
+        re-estimation, the loss landscape, curvature).
+
+        ``limit`` counts *images*, as for :meth:`test_batches` (``0``: the whole training set; the last batch
+        is cut to fit). Every call in a run yields the same images in the same order: a permutation of the
+        training set seeded with the run's seed, the same on every rank under torchrun and independent of the
+        shuffling training used. Batches have the training batch size; resinspect's datasets apply no
+        augmentation, so these are the images training saw, as they were.
+        """
+        dataset = self.train_loader.dataset
+        order = torch.randperm(dataset_size(dataset), generator=torch.Generator().manual_seed(self.seed))
+        if limit:
+            order = order[:limit]
+        batch = self.train_loader.batch_size or getattr(self.train_loader.batch_sampler, "batch_size", None) or 64
+        loader = DataLoader(
+            dataset, batch_size=batch, sampler=order.tolist(), num_workers=self.train_loader.num_workers
+        )
+        return _limited(loader, limit, self.device)
 
     # -- many processes (torchrun) -------------------------------------------------------------
     @property
@@ -216,8 +239,9 @@ class RunContext:
         one event: much cheaper than one :meth:`log_scalar` per layer."""
         self.tensorboard.scalars({self._tag(k): v for k, v in values.items()}, step, role=role)
 
-    def log_histogram(self, name: str, values: torch.Tensor, step: int = 0, *, role: str = "model",
-                      bins: int = 64) -> None:
+    def log_histogram(
+        self, name: str, values: torch.Tensor, step: int = 0, *, role: str = "model", bins: int = 64
+    ) -> None:
         """Write a histogram (computed by torch on the device) as ``<plugin>/<name>`` in ``role``'s run."""
         self.tensorboard.histogram(self._tag(name), values, step, role=role, bins=bins)
 

@@ -11,22 +11,36 @@ import copy
 import dataclasses
 import datetime as dt
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from .errors import ResinspectError
 
-__all__ = ["Distributed", "SINGLE", "from_environment", "reduce_values", "TIMEOUT_ENV", "PEER_FAILED",
-           "is_peer_failure"]
+__all__ = [
+    "Distributed",
+    "SINGLE",
+    "from_environment",
+    "reduce_values",
+    "TIMEOUT_ENV",
+    "PEER_FAILED",
+    "is_peer_failure",
+]
 
 T = TypeVar("T")
 TIMEOUT_ENV = "RESINSPECT_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 600)
 _OPS = ("sum", "max", "min")
 PEER_FAILED = "stopped: another rank failed"
-_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
-               "Socket Timeout", "timed out")
+_PEER_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "Socket Timeout",
+    "timed out",
+)
 
 
 def is_peer_failure(e: BaseException) -> bool:
@@ -79,7 +93,7 @@ class Distributed:
         assignment that balances the ranks' total cost."""
         items = list(items)
         if cost is None or not self.enabled:
-            return items[self.rank::self.world_size]
+            return items[self.rank :: self.world_size]
         load = [0.0] * self.world_size
         owner: dict[int, int] = {}
         for i in sorted(range(len(items)), key=lambda i: (-float(cost(items[i])), i)):
@@ -114,8 +128,7 @@ class Distributed:
             import torch.distributed as dist
 
             out = value.detach().clone()
-            dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                     "min": dist.ReduceOp.MIN}[op])
+            dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
             return out
         return reduce_values(self.all_gather(value), op)
 
@@ -173,16 +186,17 @@ def from_environment(device: str = "auto") -> Distributed:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         if local >= torch.cuda.device_count():
-            raise ResinspectError(f"rank {rank}: local rank {local} has no GPU (this machine has "
-                                  f"{torch.cuda.device_count()}); use --nproc-per-node <= the GPU count")
+            raise ResinspectError(
+                f"rank {rank}: local rank {local} has no GPU (this machine has "
+                f"{torch.cuda.device_count()}); use --nproc-per-node <= the GPU count"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         try:
             timeout = dt.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
         except ValueError:
             raise ResinspectError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} is not a number of seconds") from None
-        dist.init_process_group(backend, timeout=timeout,
-                                device_id=torch.device("cuda", local) if cuda else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=torch.device("cuda", local) if cuda else None)
     return Distributed(dist.get_world_size(), dist.get_rank(), local, backend)
 
 
@@ -254,7 +268,12 @@ def _to(value: Any, device: torch.device) -> Any:
 
 def _device_of(value: Any) -> torch.device | None:
     found: list[torch.device] = []
-    _map_tensors(value, lambda t: found.append(t.device) or t)
+
+    def note(t: torch.Tensor) -> torch.Tensor:
+        found.append(t.device)
+        return t
+
+    _map_tensors(value, note)
     return found[0] if found else None
 
 
@@ -270,7 +289,7 @@ def _map_tensors(value: Any, fn: Any) -> Any:
         items = [_map_tensors(v, fn) for v in value]
         return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = copy.copy(value)
+        out = copy.copy(value)  # type: ignore[arg-type]  # (any dataclass instance copies)
         for f in dataclasses.fields(value):
             object.__setattr__(out, f.name, _map_tensors(getattr(value, f.name), fn))
         return out

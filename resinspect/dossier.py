@@ -5,7 +5,8 @@ on which blocks matter."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ def ranks(x: Sequence[float]) -> np.ndarray:
         j = i
         while j + 1 < len(a) and sorted_a[j + 1] == sorted_a[i]:
             j += 1
-        r[order[i:j + 1]] = (i + j) / 2 + 1
+        r[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return r
 
@@ -67,8 +68,9 @@ def columns(sections: Sequence[Section]) -> list[dict[str, Any]]:
                 continue
             seen.add(key)
             vals = {b: float(v) for b, v in values.items() if _finite(v)}
-            out.append({"key": key, "plugin": s.plugin, "name": name, "sign": int(s.block_sign.get(name, 1)),
-                        "values": vals})
+            out.append(
+                {"key": key, "plugin": s.plugin, "name": name, "sign": int(s.block_sign.get(name, 1)), "values": vals}
+            )
     return out
 
 
@@ -100,45 +102,59 @@ def dossier_section(blocks: Sequence[dict[str, Any]], sections: Sequence[Section
     if not names or not cols:
         return None
     s = Section(title="Per-block dossier", plugin="dossier", explanation=EXPLANATION, docs="explainer-paths")
-    header = ["block", "stage"] + [f"{c['name']} ({c['plugin']}{', sign -1' if c['sign'] < 0 else ''})"
-                                   for c in cols]
+    header = ["block", "stage"] + [
+        f"{c['name']} ({c['plugin']}{'; smaller matters more' if c['sign'] < 0 else ''})" for c in cols
+    ]
     rows = [[b["name"], b.get("stage", "")] + [c["values"].get(b["name"]) for c in cols] for b in blocks]
-    s.table("Every measurement of every block", header, rows,
-            caption="Raw values as each plugin reported them; blank where a plugin did not measure that block.")
+    s.table(
+        "Every measurement of every block",
+        header,
+        rows,
+        caption="Raw values as each plugin reported them; blank where a plugin did not measure that block.",
+    )
     for c in cols:
         known = {b: v for b, v in c["values"].items() if b in names}
         top = max(known, key=lambda b: c["sign"] * known[b])
         s.metrics[f"top/{c['key']}"] = top
     if len(cols) < 2:
-        s.finding(f"Only one plugin measured the blocks ({cols[0]['key']}); run more (ablation, gradflow, "
-                  "activations, similarity, spectra) to see whether the measurements agree.")
+        s.finding(
+            f"Only one plugin measured the blocks ({cols[0]['key']}); run more (ablation, gradflow, "
+            "activations, similarity, spectra) to see whether the measurements agree."
+        )
         return s
     corr = correlations(cols)
     crow = []
     for (i, j), (rho, n) in corr.items():
         s.metrics[f"spearman/{cols[i]['key']}~{cols[j]['key']}"] = rho
         crow.append([cols[i]["key"], cols[j]["key"], n, rho])
-    s.table("Rank correlation between the measurements", ["measurement", "measurement", "blocks", "spearman rho"],
-            crow, caption="Over the blocks both measured; columns oriented so that positive means they agree on "
-                          "which blocks matter.")
+    s.table(
+        "Rank correlation between the measurements",
+        ["measurement", "measurement", "blocks", "spearman rho"],
+        crow,
+        caption="Over the blocks both measured; columns oriented so that positive means they agree on "
+        "which blocks matter.",
+    )
     _heatmap(s, cols, corr)
-    known = [(rho, i, j) for (i, j), (rho, n) in corr.items() if math.isfinite(rho)]
-    if known:
-        best, worst = max(known), min(known)
-        s.metrics["spearman_median"] = float(np.median([r for r, _, _ in known]))
-        s.finding(f"Most in agreement: {cols[best[1]]['key']} and {cols[best[2]]['key']} (rho {best[0]:+.2f}); "
-                  f"least: {cols[worst[1]]['key']} and {cols[worst[2]]['key']} (rho {worst[0]:+.2f}); median "
-                  f"rho over {len(known)} pairs {s.metrics['spearman_median']:+.2f}.",
-                  "good" if best[0] > 0.68 else "info")
-    tops = {}
+    pairs = [(rho, i, j) for (i, j), (rho, n) in corr.items() if math.isfinite(rho)]
+    if pairs:
+        best, worst = max(pairs), min(pairs)
+        s.metrics["spearman_median"] = float(np.median([r for r, _, _ in pairs]))
+        s.finding(
+            f"Most in agreement: {cols[best[1]]['key']} and {cols[best[2]]['key']} (rho {best[0]:+.2f}); "
+            f"least: {cols[worst[1]]['key']} and {cols[worst[2]]['key']} (rho {worst[0]:+.2f}); median "
+            f"rho over {len(pairs)} pairs {s.metrics['spearman_median']:+.2f}.",
+            "good" if best[0] > 0.68 else "info",
+        )
+    tops: dict[str, list[str]] = {}
     for c in cols:
         tops.setdefault(s.metrics[f"top/{c['key']}"], []).append(c["key"])
     block, who = max(tops.items(), key=lambda kv: len(kv[1]))
     if len(who) > 1:
         s.finding(f"{block} matters most by {len(who)} of {len(cols)} measurements ({', '.join(who)}).")
     else:
-        s.finding(f"The measurements disagree on which block matters most: each of the {len(cols)} names a "
-                  "different block.")
+        s.finding(
+            f"The measurements disagree on which block matters most: each of the {len(cols)} names a different block."
+        )
     return s
 
 
@@ -158,5 +174,9 @@ def _heatmap(s: Section, cols: Sequence[dict[str, Any]], corr: dict[tuple[int, i
             if math.isfinite(m[i, j]):
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, label="Spearman rho")
-    s.figure(fig, "Do the measurements agree?", "Rank correlation of every two per-block measurements (oriented "
-             "so that positive means they agree on which blocks matter).")
+    s.figure(
+        fig,
+        "Do the measurements agree?",
+        "Rank correlation of every two per-block measurements (oriented "
+        "so that positive means they agree on which blocks matter).",
+    )

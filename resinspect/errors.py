@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["ResinspectError", "UnknownNameError", "CheckpointError", "DataError", "TrainingDiverged", "OptionError",
-           "OutputError"]
+__all__ = [
+    "ResinspectError",
+    "UnknownNameError",
+    "CheckpointError",
+    "DataError",
+    "TrainingDiverged",
+    "OptionError",
+    "OutputError",
+]
 
 
 def closest_match(value: str, valid: Iterable[str]) -> str | None:
     """The most similar valid name (ties go to the longest common prefix), or None."""
+
     def score(candidate: str) -> tuple[float, int]:
         ratio = difflib.SequenceMatcher(None, value, candidate).ratio()
         prefix = len(os.path.commonprefix([value, candidate]))
         return ratio, prefix
+
     scored = [(score(c), c) for c in valid]
     scored = [item for item in scored if item[0][0] >= 0.5]
     return max(scored)[1] if scored else None
@@ -60,6 +70,6 @@ class TrainingDiverged(ResinspectError):
     ``history`` holds the metrics recorded up to that point.
     """
 
-    def __init__(self, message: str, history: object = None):
+    def __init__(self, message: str, history: Any = None):
         super().__init__(message)
         self.history = history

@@ -17,9 +17,10 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -32,9 +33,19 @@ __all__ = ["PluginHost", "PluginInfo", "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "resinspect"
 # The analyses `resinspect run` uses when --plugins is not given.
-DEFAULT_PLUGINS = ("summary", "activations", "formulas", "gradflow", "weights", "ablation", "paths", "shattered",
-                   "similarity", "spectra",
-                   "attribution")
+DEFAULT_PLUGINS = (
+    "summary",
+    "activations",
+    "formulas",
+    "gradflow",
+    "weights",
+    "ablation",
+    "paths",
+    "shattered",
+    "similarity",
+    "spectra",
+    "attribution",
+)
 TRACE_ENV = "RESINSPECT_TRACE_PLUGINS"
 
 
@@ -92,6 +103,8 @@ def load_plugin_spec(spec: str) -> PluginInfo:
         name = path.stem
         module_name = f"resinspect_local_plugin_{name}"
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ResinspectError(f"plugin file {spec}: cannot be imported as a Python module")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module
         try:
@@ -198,8 +211,10 @@ class PluginHost:
         from .models import ModelRegistry
 
         for name, info in self.available.items():
-            for hook, registry in (("resinspect_register_models", ModelRegistry(name)),
-                                   ("resinspect_register_datasets", DatasetRegistry(name))):
+            for hook, registry in (
+                ("resinspect_register_models", ModelRegistry(name)),
+                ("resinspect_register_datasets", DatasetRegistry(name)),
+            ):
                 fn = getattr(info.plugin, hook, None) if info.plugin else None
                 if fn is None:
                     continue
@@ -222,8 +237,9 @@ class PluginHost:
     def has(self, hook: str) -> bool:
         return any(name not in self.failures for name, _, _ in self._hook_impls(hook))
 
-    def call(self, hook: str, *, include_failed: bool = False, only: str | None = None,
-             **kwargs: Any) -> list[tuple[str, Any]]:
+    def call(
+        self, hook: str, *, include_failed: bool = False, only: str | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
         """Call ``hook`` on each active plugin (or on ``only``); returns ``[(plugin, result)]`` of those that
         succeeded."""
         results = []
@@ -244,8 +260,9 @@ class PluginHost:
                     rank = getattr(ctx, "rank", 0)
                     if is_peer_failure(e):
                         raise ResinspectError(f"{PEER_FAILED} while {name} waited for it in {hook}") from e
-                    raise ResinspectError(f"rank {rank}: plugin {name} failed in {hook}: {type(e).__name__}: {e}"
-                                          ) from e
+                    raise ResinspectError(
+                        f"rank {rank}: plugin {name} failed in {hook}: {type(e).__name__}: {e}"
+                    ) from e
                 self._fail(name, hook, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
             finally:
@@ -264,45 +281,69 @@ class PluginHost:
             if self.trace:
                 sys.stderr.write(f"[resinspect] plugin {name} failed in {hook}: {error}\n")
 
-    def analyze(self, ctx: Any, progress: bool = False) -> dict[str, list[Section]]:
-        """Run ``resinspect_analyze`` on every active plugin (saying which one runs when ``progress``);
-        failed plugins get an error section."""
+    def analyze(
+        self, ctx: Any, progress: bool = False, say: Callable[[str], None] | None = None
+    ) -> dict[str, list[Section]]:
+        """Run ``resinspect_analyze`` on every active plugin (saying which one runs when ``progress``, and
+        when each starts and ends, with its seconds, through ``say``); failed plugins get an error section."""
         sections: dict[str, list[Section]] = {name: [] for name in self.active}
         returned = []
         for name, _, _ in self._hook_impls("resinspect_analyze"):
             if name in self.failures:
                 continue
-            if progress:
+            if say is not None:
+                say(f"analyze {name}: start")
+            elif progress:
                 sys.stderr.write(f"[resinspect] analysing: {name}\n")
                 sys.stderr.flush()
+            start = time.perf_counter()
             got = self.call("resinspect_analyze", ctx=ctx, only=name)
+            if say is not None:
+                outcome = f"failed ({self.failures[name].error})" if name in self.failures else "ok"
+                say(f"analyze {name}: {outcome} in {time.perf_counter() - start:.1f} s")
             returned += got
             for _, result in got:  # visible to the plugins that run later (ctx.section)
                 if hasattr(ctx, "sections"):
-                    ctx.sections[name] = [r for r in (result if isinstance(result, list) else [result])
-                                          if isinstance(r, Section)]
+                    ctx.sections[name] = [
+                        r for r in (result if isinstance(result, list) else [result]) if isinstance(r, Section)
+                    ]
         for name, result in returned:
             items = [] if result is None else result if isinstance(result, list) else [result]
             bad = [type(s).__name__ for s in items if not isinstance(s, Section)]
             if bad:
-                self._fail(name, "resinspect_analyze", f"returned {bad[0]}, expected Section, a list of them or None",
-                           "")
+                self._fail(
+                    name, "resinspect_analyze", f"returned {bad[0]}, expected Section, a list of them or None", ""
+                )
                 continue
             for s in items:
                 s.plugin = name
             sections[name] = items
         for name, failure in self.failures.items():
-            sections[name] = [Section(
-                title=f"{name} (failed)", plugin=name, status="failed",
-                explanation=f"The plugin '{name}' raised an error in {failure.hook}; the other plugins were not affected.",
-                error=failure.error, traceback=failure.traceback)]
+            sections[name] = [
+                Section(
+                    title=f"{name} (failed)",
+                    plugin=name,
+                    status="failed",
+                    explanation=f"The plugin '{name}' raised an error in {failure.hook}; the other plugins were not "
+                    "affected.",
+                    error=failure.error,
+                    traceback=failure.traceback,
+                )
+            ]
         return sections
 
     def describe(self) -> list[dict[str, Any]]:
         """Installed plugins: name, version, description, source, hooks and options."""
         registry = self.option_registry()
-        return [{"name": n, "version": i.version, "description": i.description, "source": i.source,
-                 "hooks": i.hooks(), "load_error": i.load_error,
-                 "options": [o.describe() for o in registry.group(n).options.values()]}
-                for n, i in sorted(self.available.items())]
-
+        return [
+            {
+                "name": n,
+                "version": i.version,
+                "description": i.description,
+                "source": i.source,
+                "hooks": i.hooks(),
+                "load_error": i.load_error,
+                "options": [o.describe() for o in registry.group(n).options.values()],
+            }
+            for n, i in sorted(self.available.items())
+        ]

@@ -17,18 +17,35 @@ Every context manager here restores the model exactly when it exits, whether the
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
 
 from .anatomy import ResidualBlock, bypass, drop_skip, forwards_replaced
 
-__all__ = ["eval_mode", "on_forward", "capture", "Captured", "capture_batches", "block_vjp", "BlockLinearization",
-           "gradient_split", "GRADIENT_PARTS", "is_batchnorm", "is_conv", "is_linear", "hooks_left",
-           "assert_clean", "bypass", "drop_skip", "forwards_replaced"]
+__all__ = [
+    "eval_mode",
+    "on_forward",
+    "capture",
+    "Captured",
+    "capture_batches",
+    "block_vjp",
+    "BlockLinearization",
+    "gradient_split",
+    "GRADIENT_PARTS",
+    "is_batchnorm",
+    "is_conv",
+    "is_linear",
+    "hooks_left",
+    "assert_clean",
+    "bypass",
+    "drop_skip",
+    "forwards_replaced",
+]
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -37,7 +54,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 GRADIENT_PARTS = ("out", "skip", "branch", "total")
 
 
-def is_batchnorm(module: nn.Module) -> bool:
+def is_batchnorm(module: nn.Module) -> TypeGuard[nn.modules.batchnorm._BatchNorm]:
     """A BatchNorm layer of any dimension (including SyncBatchNorm)."""
     return isinstance(module, _BATCHNORMS)
 
@@ -47,7 +64,7 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, _CONVS)
 
 
-def is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> TypeGuard[nn.Linear]:
     return isinstance(module, nn.Linear)
 
 
@@ -67,19 +84,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _named(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | Iterable[ResidualBlock]
-           ) -> list[tuple[str, nn.Module]]:
+def _named(
+    modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | Iterable[ResidualBlock],
+) -> list[tuple[str, nn.Module]]:
     if isinstance(modules, Mapping):
         return list(modules.items())
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for item in modules:
-        out.append((item.name, item.module) if isinstance(item, ResidualBlock) else tuple(item))
+        if isinstance(item, ResidualBlock):
+            out.append((item.name, item.module))
+        else:
+            name, module = item
+            out.append((name, module))
     return out
 
 
 @contextmanager
-def on_forward(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | Iterable[ResidualBlock],
-               fn: Callable[..., Any], *, before: bool = False) -> Iterator[None]:
+def on_forward(
+    modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | Iterable[ResidualBlock],
+    fn: Callable[..., Any],
+    *,
+    before: bool = False,
+) -> Iterator[None]:
     """Call ``fn(name, module, inputs, output)`` after each forward of each module (``before=True``:
     ``fn(name, module, inputs)`` before it runs, while an in-place op has not yet overwritten the input).
 
@@ -90,11 +116,11 @@ def on_forward(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]
     try:
         for name, module in _named(modules):
             if before:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, inputs, n=name: _observe(fn(n, m, inputs))))
+                handles.append(module.register_forward_pre_hook(lambda m, inputs, n=name: _observe(fn(n, m, inputs))))
             else:
-                handles.append(module.register_forward_hook(
-                    lambda m, inputs, output, n=name: _observe(fn(n, m, inputs, output))))
+                handles.append(
+                    module.register_forward_hook(lambda m, inputs, output, n=name: _observe(fn(n, m, inputs, output)))
+                )
         yield
     finally:
         for h in handles:
@@ -124,9 +150,15 @@ class Captured:
 
 
 @contextmanager
-def capture(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | Iterable[ResidualBlock], *,
-            inputs: bool = True, outputs: bool = True, detach: bool = True, first_only: bool = False,
-            every_call: bool = False) -> Iterator[Captured]:
+def capture(
+    modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | Iterable[ResidualBlock],
+    *,
+    inputs: bool = True,
+    outputs: bool = True,
+    detach: bool = True,
+    first_only: bool = False,
+    every_call: bool = False,
+) -> Iterator[Captured]:
     """Context manager: catch the inputs and/or outputs of ``modules`` on every forward pass.
 
     Args:
@@ -141,7 +173,7 @@ def capture(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] |
     """
     store = Captured()
     named = _named(modules)
-    pending: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor | None] = {}
 
     def keep(t: Any) -> Any:
         return t.detach().clone() if detach and isinstance(t, torch.Tensor) else t
@@ -156,7 +188,8 @@ def capture(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] |
         if first_only and (name in store.outputs or name in store.inputs):
             pending.pop(name, None)
             return
-        x = pending.pop(name, None)
+        # (None only for a module whose first argument is not a tensor: not a layer anyone captures)
+        x = cast(torch.Tensor, pending.pop(name, None))
         y = (output.detach() if detach and isinstance(output, torch.Tensor) else output) if outputs else None
         if inputs:
             store.inputs[name] = x
@@ -169,9 +202,14 @@ def capture(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] |
         yield store
 
 
-def capture_batches(model: nn.Module, modules: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                    grad: bool = False, **kwargs: Any
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Captured]]:
+def capture_batches(
+    model: nn.Module,
+    modules: Any,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    grad: bool = False,
+    **kwargs: Any,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Captured]]:
     """Run ``batches`` through ``model`` (in eval mode) with :func:`capture` on ``modules``.
 
     Yields ``(x, y, logits, captured)`` per batch; ``captured`` holds that batch's values (it is cleared
@@ -205,10 +243,13 @@ class BlockLinearization:
 
     def vjp(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shortcut part, branch part)`` of the input gradient for output cotangent ``u``."""
-        skip, branch = torch.autograd.grad(self.output, (self.x_skip, self.x_branch), u, retain_graph=True,
-                                           allow_unused=True)
-        return (torch.zeros_like(self.x_skip) if skip is None else skip,
-                torch.zeros_like(self.x_branch) if branch is None else branch)
+        skip, branch = torch.autograd.grad(
+            self.output, (self.x_skip, self.x_branch), u, retain_graph=True, allow_unused=True
+        )
+        return (
+            torch.zeros_like(self.x_skip) if skip is None else skip,
+            torch.zeros_like(self.x_branch) if branch is None else branch,
+        )
 
 
 def block_vjp(block: ResidualBlock, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,8 +259,11 @@ def block_vjp(block: ResidualBlock, x: torch.Tensor, u: torch.Tensor) -> tuple[t
 
 
 @contextmanager
-def gradient_split(blocks: Sequence[ResidualBlock], report: Callable[[int, str, torch.Tensor], None],
-                   enabled: Callable[[], bool] = lambda: True) -> Iterator[None]:
+def gradient_split(
+    blocks: Sequence[ResidualBlock],
+    report: Callable[[int, str, torch.Tensor], None],
+    enabled: Callable[[], bool] = lambda: True,
+) -> Iterator[None]:
     """While active, each forward of each block (with gradients on and ``enabled()`` true) arranges that
     the backward pass calls ``report(block_index, part, gradient)`` for every part in
     :data:`GRADIENT_PARTS`: the gradient at the block's output, its skip and branch contributions to the
@@ -228,9 +272,9 @@ def gradient_split(blocks: Sequence[ResidualBlock], report: Callable[[int, str, 
     The block computes exactly what it did (the same submodules, one graph), only with the two paths reading
     separate views of ``x``, so autograd keeps their contributions apart. Forwards are restored on exit.
     """
+
     def tapped(j: int, block: ResidualBlock) -> Callable[[torch.Tensor], torch.Tensor]:
-        original = block.module.__dict__.get("forward") or types.MethodType(type(block.module).forward,
-                                                                             block.module)
+        original = block.module.__dict__.get("forward") or types.MethodType(type(block.module).forward, block.module)
         split = block.variant("split")
 
         def hook(part: str):

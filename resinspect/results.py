@@ -10,15 +10,25 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .errors import ResinspectError
 from .section import Section
 
-__all__ = ["Results", "RunInfo", "PluginResult", "SCHEMA_VERSION", "RESULTS_FILE", "STATUSES", "results_json",
-           "schema", "validate"]
+__all__ = [
+    "Results",
+    "RunInfo",
+    "PluginResult",
+    "SCHEMA_VERSION",
+    "RESULTS_FILE",
+    "STATUSES",
+    "results_json",
+    "schema",
+    "validate",
+]
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -93,22 +103,35 @@ class Results:
             return [s.to_dict(files.get(id(s), [])) for s in items]
 
         return {
-            "schema": SCHEMA_NAME, "schema_version": self.schema_version,
-            "resinspect_version": self.resinspect_version, "status": self.status, "error": self.error,
+            "schema": SCHEMA_NAME,
+            "schema_version": self.schema_version,
+            "resinspect_version": self.resinspect_version,
+            "status": self.status,
+            "error": self.error,
             "run": {k: v for k, v in vars(self.run).items() if v is not None or k in ("name", "dir", "started")},
-            "config": self.config, "environment": self.environment, "model": self.model, "data": self.data,
+            "config": self.config,
+            "environment": self.environment,
+            "model": self.model,
+            "data": self.data,
             "training": self.training,
-            "plugins": {n: {"status": p.status, "version": p.version, "description": p.description,
-                            "seconds": round(p.seconds, 4), "error": p.error, "failed_hook": p.failed_hook,
-                            "traceback": p.traceback, "sections": secs(p.sections)}
-                        for n, p in self.plugins.items()},
+            "plugins": {
+                n: {
+                    "status": p.status,
+                    "version": p.version,
+                    "description": p.description,
+                    "seconds": round(p.seconds, 4),
+                    "error": p.error,
+                    "failed_hook": p.failed_hook,
+                    "traceback": p.traceback,
+                    "sections": secs(p.sections),
+                }
+                for n, p in self.plugins.items()
+            },
             "core_sections": secs(self.core_sections),
         }
 
     def write(self, run_dir: Path, figures: bool = True) -> None:
         """Write the figures (PNG files under ``figures/``) and then results.json, both atomically."""
-        from .rundir import write_atomic
-
         files: dict[int, list[str]] = {}
         if figures:
             for owner, secs in [("core", self.core_sections)] + [(n, p.sections) for n, p in self.plugins.items()]:
@@ -122,31 +145,52 @@ class Results:
 
     # -- reading -------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any], run_dir: Path | None = None, where: str = RESULTS_FILE) -> "Results":
+    def from_dict(cls, d: dict[str, Any], run_dir: Path | None = None, where: str = RESULTS_FILE) -> Results:
         """Parse a results.json dict, checking its schema; figures are loaded from ``run_dir`` when given."""
         if not isinstance(d, dict) or d.get("schema") != SCHEMA_NAME:
             raise ResinspectError(f"{where}: not a resinspect results file")
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ResinspectError(f"{where}: schema version {version}, but this resinspect ({_version()}) reads "
-                                  f"version {SCHEMA_VERSION} only")
+            raise ResinspectError(
+                f"{where}: schema version {version}, but this resinspect ({_version()}) reads "
+                f"version {SCHEMA_VERSION} only"
+            )
         problems = validate(d)
         if problems:
-            raise ResinspectError(f"{where}: does not match the results schema: {problems[0]}")
+            from .schema import describe_problem
+
+            raise ResinspectError(f"{where}: does not match the results schema: {describe_problem(problems)}")
         load = _png_loader(run_dir, where) if run_dir is not None else (lambda rel: b"")
         plugins = {}
         for name, p in d["plugins"].items():
             plugins[name] = PluginResult(
-                status=p["status"], version=p["version"], description=p["description"], seconds=p["seconds"],
-                error=p["error"], failed_hook=p.get("failed_hook"), traceback=p["traceback"],
-                sections=[Section.from_dict(s, load) for s in p.get("sections", [])])
-        return cls(run=RunInfo(**d["run"]), config=d["config"], environment=d["environment"], model=d["model"],
-                   data=d["data"], status=d["status"], error=d["error"], training=d["training"], plugins=plugins,
-                   core_sections=[Section.from_dict(s, load) for s in d["core_sections"]],
-                   resinspect_version=d["resinspect_version"], schema_version=version)
+                status=p["status"],
+                version=p["version"],
+                description=p["description"],
+                seconds=p["seconds"],
+                error=p["error"],
+                failed_hook=p.get("failed_hook"),
+                traceback=p["traceback"],
+                sections=[Section.from_dict(s, load) for s in p.get("sections", [])],
+            )
+        known = {f.name for f in fields(RunInfo)}
+        return cls(
+            run=RunInfo(**{k: v for k, v in d["run"].items() if k in known}),
+            config=d["config"],
+            environment=d["environment"],
+            model=d["model"],
+            data=d["data"],
+            status=d["status"],
+            error=d["error"],
+            training=d["training"],
+            plugins=plugins,
+            core_sections=[Section.from_dict(s, load) for s in d["core_sections"]],
+            resinspect_version=d["resinspect_version"],
+            schema_version=version,
+        )
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> "Results":
+    def read(cls, run_dir: str | Path) -> Results:
         """Read ``run_dir/results.json`` (and its figures)."""
         run_dir = Path(run_dir)
         path = run_dir / RESULTS_FILE
@@ -175,6 +219,7 @@ def _png_loader(run_dir: Path, where: str):
         if not target.is_file():
             raise ResinspectError(f"{run_dir}: figure {rel} listed in results.json is missing")
         return target.read_bytes()
+
     return load_png
 
 
@@ -199,15 +244,9 @@ def schema() -> dict[str, Any]:
 
 
 def validate(d: dict[str, Any]) -> list[str]:
-    """Problems of ``d`` against the schema: full JSON Schema validation when ``jsonschema`` is installed,
-    else the required keys at the top level and in each plugin entry."""
-    try:
-        import jsonschema
-    except ImportError:
-        top = [k for k in schema()["required"] if k not in d]
-        plug = [f"plugins.{n}.{k}" for n, p in d.get("plugins", {}).items() for k in
-                ("status", "version", "description", "seconds", "error", "traceback") if k not in p]
-        return [f"missing key {k!r}" for k in top + plug]
-    validator = jsonschema.Draft202012Validator(schema())
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
-            for e in sorted(validator.iter_errors(d), key=lambda e: list(e.absolute_path))]
+    """Problems of ``d`` against the schema (``"field/path: expected ..., got ..."``; empty when valid), by
+    :mod:`resinspect.schema`, which needs no extra package."""
+    from .schema import load_schema
+    from .schema import validate as validate_against
+
+    return validate_against(d, load_schema(_SCHEMA_FILE.name))

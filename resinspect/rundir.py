@@ -4,46 +4,56 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
-from .errors import OutputError, ResinspectError
+from .atomic import output_error, write_atomic
+from .errors import ResinspectError
 
-__all__ = ["write_atomic", "new_run_dir", "render_run", "read_config_file", "dump_toml", "output_error"]
+__all__ = [
+    "write_atomic",
+    "new_run_dir",
+    "render_run",
+    "read_config_file",
+    "dump_toml",
+    "output_error",
+    "folder_kind",
+    "relative_link",
+]
 
 _RUN_MARKERS = ("results.json", "index.html")
+_SWEEP_MARKER = "sweep.json"
 
 
-def output_error(path: str | os.PathLike, action: str, e: OSError) -> OutputError:
-    """One line for an operating-system error at the output edge: the path, what failed and why."""
-    reason = e.strerror or str(e)
-    return OutputError(f"output {path}: cannot {action}: {reason}")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: readers never see half a file.
-
-    An operating-system error (no permission, disk full, …) becomes :class:`OutputError` naming the path;
-    the previous file, if any, is left as it was.
-    """
+def folder_kind(path: str | os.PathLike) -> str:
+    """What a folder holds, by the files resinspect writes: ``"sweep"`` (sweep.json), ``"run"``
+    (results.json), ``"empty"`` (missing or empty), or ``"other"``. ``--overwrite`` replaces a folder of the
+    same kind only: a run never replaces a sweep, nor a sweep a run."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise output_error(path, "write", e) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    if not path.is_dir():
+        return "empty"
+    if (path / _SWEEP_MARKER).exists():
+        return "sweep"
+    if (path / "results.json").exists():
+        return "run"
+    return "other" if any(path.iterdir()) else "empty"
+
+
+def relative_link(root: str | os.PathLike, target: str) -> str | None:
+    """``target`` as a link a report in ``root`` may write: a relative path to an existing file inside
+    ``root`` (no scheme, no absolute path, no ``..`` out of the folder), with ``/`` separators; None otherwise.
+    Every link a report writes to another file goes through here."""
+    if not isinstance(target, str) or not target or "\\" in target or ":" in target or target.startswith(("/", "#")):
+        return None
+    root_path = Path(root).resolve()
+    resolved = (root_path / target).resolve()
+    if root_path not in resolved.parents or not resolved.is_file():
+        return None
+    return resolved.relative_to(root_path).as_posix()
 
 
 def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: str, overwrite: bool = False) -> Path:
@@ -53,10 +63,17 @@ def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: s
         path = Path(out)
         if path.exists() and not path.is_dir():
             raise ResinspectError(f"output {path}: exists and is not a directory")
+        if folder_kind(path) == "sweep":
+            raise ResinspectError(
+                f"output {path}: is a sweep folder (it holds {_SWEEP_MARKER}); a run never replaces a "
+                "sweep: choose another --out"
+            )
         if path.exists() and any((path / m).exists() for m in _RUN_MARKERS):
             if not overwrite:
-                raise ResinspectError(f"output {path}: already holds a run (results.json or index.html); "
-                                      "choose another --out or pass --overwrite")
+                raise ResinspectError(
+                    f"output {path}: already holds a run (results.json or index.html); "
+                    "choose another --out or pass --overwrite"
+                )
             for marker in _RUN_MARKERS:  # an old report must never pass for the new run's
                 (path / marker).unlink(missing_ok=True)
         _mkdir(path, exist_ok=True)
@@ -111,4 +128,5 @@ def dump_toml(data: dict[str, Any]) -> str:
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v
+
     return tomli_w.dumps(clean(data))

@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
-import os
 import importlib.metadata
+import os
 import platform
+import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +45,7 @@ from .training import History, resolve_device, train_model
 
 __all__ = ["run", "RunResult", "RunSettings"]
 
-_PACKAGES = ("torch", "torchvision", "captum", "tensorboard", "torchinfo", "pluggy", "seaborn", "matplotlib",
-             "numpy")
+_PACKAGES = ("torch", "torchvision", "captum", "tensorboard", "torchinfo", "pluggy", "seaborn", "matplotlib", "numpy")
 
 
 @dataclass
@@ -90,9 +92,14 @@ def _environment(device: torch.device) -> dict[str, Any]:
             packages[p] = importlib.metadata.version(p)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-            "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch_threads": torch.get_num_threads(), "packages": packages}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "packages": packages,
+    }
 
 
 def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None) -> DataBundle:
@@ -102,31 +109,48 @@ def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None)
     if model is not None:
         with torch.no_grad(), eval_mode(model):
             num_classes = model(x[:2].to(next(model.parameters()).device)).shape[1]
-    return DataBundle(name="custom", train=train.dataset, test=test.dataset, in_channels=x.shape[1],
-                      image_size=x.shape[-1], num_classes=num_classes,
-                      class_names=[str(i) for i in range(num_classes)], info={"source": "DataLoader pair"})
+    return DataBundle(
+        name="custom",
+        train=train.dataset,
+        test=test.dataset,
+        in_channels=x.shape[1],
+        image_size=x.shape[-1],
+        num_classes=num_classes,
+        class_names=[str(i) for i in range(num_classes)],
+        info={"source": "DataLoader pair"},
+    )
 
 
 # -- stage 1: resolve ---------------------------------------------------------------------------------
-def _resolve_settings(model: Any, data: Any, plugins: Any, config: Any, settings: RunSettings | None,
-                      values: dict[str, Any]) -> RunSettings:
+def _resolve_settings(
+    model: Any, data: Any, plugins: Any, config: Any, settings: RunSettings | None, values: dict[str, Any]
+) -> RunSettings:
     if settings is not None and config is not None:
         raise ResinspectError("give run() either config= or settings=, not both")
     s = settings if settings is not None else RunSettings.from_config(config)
     unknown = sorted(set(values) - set(s.rows))
     if unknown:
-        raise TypeError(f"run() got unknown argument(s) {', '.join(unknown)}; valid settings: "
-                        f"{', '.join(sorted(s.rows))}")
-    s.update({"model": model if isinstance(model, str) else None, "data": data if isinstance(data, str) else None,
-              "plugins": [plugins] if isinstance(plugins, str) else plugins, **values}, "run()")
+        raise TypeError(
+            f"run() got unknown argument(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(s.rows))}"
+        )
+    s.update(
+        {
+            "model": model if isinstance(model, str) else None,
+            "data": data if isinstance(data, str) else None,
+            "plugins": [plugins] if isinstance(plugins, str) else plugins,
+            **values,
+        },
+        "run()",
+    )
     if s.epochs is None:  # a loaded model is analysed as it is unless epochs are asked for
         s.epochs = 0 if s.checkpoint else DEFAULT_EPOCHS
     s.train_config().validate()
     return s
 
 
-def _plugin_tables(s: RunSettings, options: dict[str, dict[str, Any]] | Iterable[str] | None
-                   ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def _plugin_tables(
+    s: RunSettings, options: dict[str, dict[str, Any]] | Iterable[str] | None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     tables = dict(s.plugin_tables)
     if isinstance(options, dict):
         for plugin, values in options.items():
@@ -160,8 +184,10 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
         twin_net, twin_label = _build_twin(s, label, arch)
     if isinstance(data, (list, tuple)):
         if dist.enabled:
-            raise ResinspectError("under torchrun, give run() a dataset name or a DataBundle, not ready loaders "
-                                  "(the training set is split across the ranks)")
+            raise ResinspectError(
+                "under torchrun, give run() a dataset name or a DataBundle, not ready loaders "
+                "(the training set is split across the ranks)"
+            )
         train_loader, test_loader = data
     else:
         train_loader, test_loader = make_loaders(bundle, s.train_config().batch_size, s.seed)
@@ -172,12 +198,15 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
 def _load_checkpointed(s: RunSettings, bundle: DataBundle, arch: dict[str, Any]) -> tuple[nn.Module, str]:
     net, payload = load_checkpoint(s.checkpoint, allow_factory=s.model if ":" in s.model else None)
     saved = payload["arch_kwargs"]
+    trained_on = (payload.get("dataset") or {}).get("name")
     for key in ("in_channels", "num_classes"):
         if key in saved and saved[key] != arch[key]:
             raise CheckpointError(
                 f"checkpoint {s.checkpoint}: the model was built for {saved.get('in_channels')} input channel(s) "
-                f"and {saved.get('num_classes')} classes (dataset {payload.get('dataset', {}).get('name', '?')}); "
-                f"dataset '{bundle.name}' has {bundle.in_channels} channel(s) and {bundle.num_classes} classes")
+                f"and {saved.get('num_classes')} classes"
+                f"{' (dataset ' + str(trained_on) + ')' if trained_on else ''}; "
+                f"dataset '{bundle.name}' has {bundle.in_channels} channel(s) and {bundle.num_classes} classes"
+            )
     return net, payload["arch"]
 
 
@@ -193,18 +222,31 @@ def _build_twin(s: RunSettings, label: str, arch: dict[str, Any]) -> tuple[nn.Mo
         # an untrained twin would make every comparison meaningless: use the one saved with the model
         twin_ckpt = Path(s.checkpoint).with_name("twin.pt")
         if not twin_ckpt.exists():
-            raise ResinspectError(f"--twin with --checkpoint {s.checkpoint}: no trained twin at {twin_ckpt} "
-                                  "(it is saved by runs with --twin); train it with --epochs N instead")
+            raise ResinspectError(
+                f"--twin with --checkpoint {s.checkpoint}: no trained twin at {twin_ckpt} "
+                "(it is saved by runs with --twin); train it with --epochs N instead"
+            )
         twin_net, _ = load_checkpoint(twin_ckpt, model=twin_net)
     return twin_net, twin_label
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[DataLoader] | None = None,
-        plugins: Iterable[str] | None = None, *, twin: bool | nn.Module = False,
-        options: dict[str, dict[str, Any]] | Iterable[str] | None = None, config: str | Path | None = None,
-        settings: RunSettings | None = None, progress: bool = False, overwrite: bool = False,
-        host: PluginHost | None = None, data_args: dict[str, Any] | None = None, **values: Any) -> RunResult:
+def run(
+    model: str | nn.Module | None = None,
+    data: str | DataBundle | Sequence[DataLoader] | None = None,
+    plugins: Iterable[str] | None = None,
+    *,
+    twin: bool | nn.Module = False,
+    options: dict[str, dict[str, Any]] | Iterable[str] | None = None,
+    config: str | Path | None = None,
+    settings: RunSettings | None = None,
+    progress: bool = False,
+    narrate: bool = False,
+    overwrite: bool = False,
+    host: PluginHost | None = None,
+    data_args: dict[str, Any] | None = None,
+    **values: Any,
+) -> RunResult:
     """Train (or load) a model, run analysis plugins on it, and write a run directory.
 
     Args:
@@ -217,13 +259,21 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
         config: a TOML config file (values given here override it); or ``settings``, ready-made.
         data_args: the dataset's own arguments (``{"size": 8}``; the ``[data]`` table, ``--data-arg``).
         progress: progress bars on stderr.
+        narrate: one flushed line on stderr as each phase, epoch and plugin starts and ends, with its seconds
+            (what the CLI does when stderr is not a terminal: logs of CI jobs, nohup, cluster jobs).
         values: any run setting of :data:`resinspect.settings.SETTINGS` by name: ``epochs``, ``out``,
             ``device``, ``seed``, ``checkpoint``, ``batch_size``, ``lr``, …
 
     Returns a :class:`RunResult`; ``result.exit_code`` is non-zero if anything failed.
     """
-    s = _resolve_settings(model, data, plugins, config, settings,
-                          {**values, "twin": True if twin is True or isinstance(twin, nn.Module) else None})
+    s = _resolve_settings(
+        model,
+        data,
+        plugins,
+        config,
+        settings,
+        {**values, "twin": True if twin is True or isinstance(twin, nn.Module) else None},
+    )
     if data_args:
         s.data_args = {**s.data_args, **data_args}
     clock = time.perf_counter()
@@ -231,17 +281,12 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     host = host or PluginHost()
     host.register_extensions()
     s.plugins = host.activate(s.plugins)
-    plugin_options = host.option_registry().resolve(tables, pairs)
-    dev = resolve_device(s.device)
+    plugin_options = host.option_registry().resolve(
+        tables, pairs, where=f"config {s.config_file}" if s.config_file else "config"
+    )
     dist, owned = _distributed(s)
-    if dist.enabled:
-        host.fatal = True
-        progress = progress and dist.is_main
-        from . import section as _section
-
-        _section.RENDER_FIGURES[0] = dist.is_main  # the other ranks' sections are never written
-        if dev.type == "cuda":
-            dev = torch.device("cuda", dist.local_rank)
+    dev = _process_setup(dist, host, resolve_device(s.device))
+    progress, narrate = progress and dist.is_main, narrate and dist.is_main
     nets = _build(s, model, data, twin, dist)
     run_dir = _run_dir(s, nets, overwrite, dist)
     config_toml = dump_toml(s.to_toml_dict(plugin_options))
@@ -251,23 +296,25 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
     results = _initial_results(s, nets, ctx, plugin_options)
     if dist.is_main:
         results.write(run_dir, figures=False)
-    phase = "train"
+    phase = ["train"]
+    say = Narrator(narrate)
     heap = _FrozenHeap()
     stop = _TerminatedRaises() if dist.enabled else None
     try:
-        history, error = _train(s, nets, ctx, host, progress)
-        phase = "analyze"
-        sections = host.analyze(ctx, progress=progress)
-        phase = "write"
-        return _write(s, nets, ctx, host, results, history, sections, error, config_toml, clock)
+        return _stages(s, nets, ctx, host, results, config_toml, clock, progress, say, phase)
     except KeyboardInterrupt:
         if dist.is_main:
-            _stopped(results, run_dir, "interrupted", phase, "interrupted by the user (Ctrl-C)")
+            _stopped(results, run_dir, "interrupted", phase[0], "interrupted by the user (Ctrl-C)")
         raise
     except Exception as e:  # e.g. an output that cannot be written: results.json must not say "running"
         if dist.is_main:
-            _stopped(results, run_dir, "failed", phase,
-                     str(e) if isinstance(e, ResinspectError) else f"{type(e).__name__}: {e}")
+            _stopped(
+                results,
+                run_dir,
+                "failed",
+                phase[0],
+                str(e) if isinstance(e, ResinspectError) else f"{type(e).__name__}: {e}",
+            )
         raise
     finally:
         host.call("resinspect_unconfigure", ctx=ctx, include_failed=True)
@@ -279,6 +326,63 @@ def run(model: str | nn.Module | None = None, data: str | DataBundle | Sequence[
             from .distributed import shutdown
 
             shutdown()
+
+
+def _stages(
+    s: RunSettings,
+    nets: _Networks,
+    ctx: RunContext,
+    host: PluginHost,
+    results: Results,
+    config_toml: str,
+    clock: float,
+    progress: bool,
+    say: Narrator,
+    phase: list[str],
+) -> RunResult:
+    """Train, analyse, write; ``phase[0]`` says which stage is running (for results.json if one stops)."""
+    say(
+        f"run {ctx.run_dir}: {nets.label}"
+        + (f" and its twin {nets.twin_label}" if nets.twin is not None else "")
+        + f" on {nets.bundle.name}, {s.epochs} epoch(s), plugins {', '.join(s.plugins) or '(none)'}"
+    )
+    with say.phase("train"):
+        history, error = _train(s, nets, ctx, host, progress, say)
+    phase[0] = "analyze"
+    with say.phase("analyze"):
+        sections = host.analyze(ctx, progress=progress, say=say if say.on else None)
+    phase[0] = "write"
+    _all_ranks_finished(ctx)
+    with say.phase("write"):
+        result = _write(s, nets, ctx, host, results, history, sections, error, config_toml, clock)
+    say(f"run {result.status} in {time.perf_counter() - clock:.1f} s: {ctx.run_dir / 'index.html'}")
+    return result
+
+
+def _process_setup(dist: Any, host: PluginHost, dev: torch.device) -> torch.device:
+    """Under torchrun: a plugin error ends the run (other ranks may wait for this one), only rank 0 renders
+    figures, and each process takes its own GPU. Returns this process's device."""
+    if not dist.enabled:
+        return dev
+    host.fatal = True
+    from . import section as _section
+
+    _section.RENDER_FIGURES[0] = dist.is_main  # the other ranks' sections are never written
+    return torch.device("cuda", dist.local_rank) if dev.type == "cuda" else dev
+
+
+def _all_ranks_finished(ctx: RunContext) -> None:
+    """Under torchrun, wait until every rank has finished its analyses before rank 0 calls the run complete: a
+    rank that failed (and left) makes this raise here, so its failure reaches rank 0's results.json instead of
+    a report that says "complete"."""
+    if not ctx.dist.enabled:
+        return
+    from .distributed import PEER_FAILED
+
+    try:
+        ctx.dist.all_gather(ctx.rank)
+    except Exception as e:  # noqa: BLE001 - any collective error here means a rank is gone
+        raise ResinspectError(f"{PEER_FAILED} before the results were written (its error is printed above)") from e
 
 
 def _distributed(s: RunSettings):
@@ -300,8 +404,10 @@ def _run_dir(s: RunSettings, nets: _Networks, overwrite: bool, dist: Any) -> Pat
     made: tuple[str | None, str | None] = (None, None)
     if dist.is_main:
         try:
-            made = (str(new_run_dir(s.out, s.reports_root, f"{nets.label}-{nets.bundle.name}", overwrite=overwrite)),
-                    None)
+            made = (
+                str(new_run_dir(s.out, s.reports_root, f"{nets.label}-{nets.bundle.name}", overwrite=overwrite)),
+                None,
+            )
         except ResinspectError as e:
             if not dist.enabled:
                 raise
@@ -310,10 +416,36 @@ def _run_dir(s: RunSettings, nets: _Networks, overwrite: bool, dist: Any) -> Pat
         made = dist.all_gather(made)[0]
     if made[1] is not None:
         raise ResinspectError(made[1])
+    path = made[0]
+    assert path is not None  # (made on rank 0, or its error raised above)
     pointer = os.environ.get("RESINSPECT_RUN_DIR_FILE")  # set by `resinspect run --nproc`
     if pointer and dist.is_main:
-        Path(pointer).write_text(made[0], encoding="utf-8")
-    return Path(made[0])
+        Path(pointer).write_text(path, encoding="utf-8")
+    return Path(path)
+
+
+class Narrator:
+    """One flushed line on stderr per event (``[resinspect] ...``), or nothing when off: what a log shows of a
+    run whose stderr is not a terminal, where progress bars are off."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            sys.stderr.write(f"[resinspect] {text}\n")
+            sys.stderr.flush()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self(f"{name}: start")
+        try:
+            yield
+        except BaseException:
+            self(f"{name}: stopped after {time.perf_counter() - start:.1f} s")
+            raise
+        self(f"{name}: done in {time.perf_counter() - start:.1f} s")
 
 
 class _TerminatedRaises:
@@ -355,33 +487,70 @@ class _FrozenHeap:
         gc.unfreeze()
 
 
-def _context(s: RunSettings, nets: _Networks, dev: torch.device, run_dir: Path, plugin_options: dict[str, Any],
-             host: PluginHost, progress: bool, dist: Any) -> RunContext:
+def _context(
+    s: RunSettings,
+    nets: _Networks,
+    dev: torch.device,
+    run_dir: Path,
+    plugin_options: dict[str, Any],
+    host: PluginHost,
+    progress: bool,
+    dist: Any,
+) -> RunContext:
     nets.net.to(dev)
     if nets.twin is not None:
         nets.twin.to(dev)
     active = {n: plugin_options.get(n, {}) for n in s.plugins}
-    ctx = RunContext(model=nets.net, model_name=nets.label, data=nets.bundle, train_loader=nets.train_loader,
-                     test_loader=nets.test_loader, device=dev, run_dir=run_dir,
-                     tensorboard=TensorBoardRuns(run_dir / "tb" if dist.is_main else None), twin=nets.twin,
-                     twin_name=nets.twin_label, seed=s.seed, config=s.to_dict(), plugin_options=active,
-                     show_progress=progress, dist=dist)
+    ctx = RunContext(
+        model=nets.net,
+        model_name=nets.label,
+        data=nets.bundle,
+        train_loader=nets.train_loader,
+        test_loader=nets.test_loader,
+        device=dev,
+        run_dir=run_dir,
+        tensorboard=TensorBoardRuns(run_dir / "tb" if dist.is_main else None),
+        twin=nets.twin,
+        twin_name=nets.twin_label,
+        seed=s.seed,
+        config=s.to_dict(),
+        plugin_options=active,
+        show_progress=progress,
+        dist=dist,
+    )
     ctx.record_initial_state()
     return ctx
 
 
 def _initial_results(s: RunSettings, nets: _Networks, ctx: RunContext, plugin_options: dict[str, Any]) -> Results:
-    twin = None if nets.twin is None else {
-        "name": nets.twin_label, "parameters": sum(p.numel() for p in nets.twin.parameters()),
-        "residual_blocks": len(ctx.blocks("twin"))}
+    twin = (
+        None
+        if nets.twin is None
+        else {
+            "name": nets.twin_label,
+            "parameters": sum(p.numel() for p in nets.twin.parameters()),
+            "residual_blocks": len(ctx.blocks("twin")),
+        }
+    )
     return Results(
-        run=RunInfo(name=ctx.run_dir.name, dir=str(ctx.run_dir), started=dt.datetime.now().isoformat(timespec="seconds"),
-                    phase="train"),
+        run=RunInfo(
+            name=ctx.run_dir.name,
+            dir=str(ctx.run_dir),
+            started=dt.datetime.now().isoformat(timespec="seconds"),
+            phase="train",
+        ),
         config={**ctx.config, "plugin_options": plugin_options},
         environment={**_environment(ctx.device), "world_size": ctx.world_size, "backend": ctx.dist.backend},
-        model={"name": nets.label, "parameters": sum(p.numel() for p in nets.net.parameters()),
-               "residual_blocks": block_table(ctx.blocks("model")), "checkpoint": s.checkpoint, "twin": twin},
-        data=nets.bundle.describe(), resinspect_version=__version__)
+        model={
+            "name": nets.label,
+            "parameters": sum(p.numel() for p in nets.net.parameters()),
+            "residual_blocks": block_table(ctx.blocks("model")),
+            "checkpoint": s.checkpoint,
+            "twin": twin,
+        },
+        data=nets.bundle.describe(),
+        resinspect_version=__version__,
+    )
 
 
 def _stopped(results: Results, run_dir: Path, status: str, phase: str, error: str) -> None:
@@ -395,8 +564,10 @@ def _stopped(results: Results, run_dir: Path, status: str, phase: str, error: st
 
 
 # -- stage 3: train -----------------------------------------------------------------------------------
-def _train(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, progress: bool
-           ) -> tuple[dict[str, History], str | None]:
+def _train(
+    s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, progress: bool, say: Narrator | None = None
+) -> tuple[dict[str, History], str | None]:
+    say = say or Narrator(False)
     history: dict[str, History] = {}
     ctx.history = history
     host.call("resinspect_configure", ctx=ctx)
@@ -407,14 +578,27 @@ def _train(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, p
 
             def save(module: nn.Module, metrics: dict[str, float], ckpt: Path = ckpt, label: str = label) -> None:
                 _save_checkpoint(ckpt, module, label, nets, metrics)
+                say(
+                    f"train {label}: epoch {metrics.get('epoch', '?')}/{s.epochs}, test accuracy "
+                    f"{metrics.get('test_accuracy', float('nan')):.4f}, {metrics.get('seconds', 0.0):.1f} s"
+                )
 
             main = ctx.is_main  # training-time plugins see the averaged gradients and record on rank 0 only
             try:
-                history[role] = train_model(m, nets.train_sharded or nets.train_loader, nets.test_loader,
-                                            s.train_config(), ctx.device,
-                                            role=role, hooks=host if main else None, ctx=ctx,
-                                            writer=ctx.tensorboard.writer(role) if main else None,
-                                            progress=progress, on_epoch_end=save if main else None, dist=ctx.dist)
+                history[role] = train_model(
+                    m,
+                    nets.train_sharded or nets.train_loader,
+                    nets.test_loader,
+                    s.train_config(),
+                    ctx.device,
+                    role=role,
+                    hooks=host if main else None,
+                    ctx=ctx,
+                    writer=ctx.tensorboard.writer(role) if main else None,
+                    progress=progress,
+                    on_epoch_end=save if main else None,
+                    dist=ctx.dist,
+                )
             except TrainingDiverged as e:
                 if e.history is not None:
                     history[role] = e.history
@@ -432,9 +616,18 @@ def _save_checkpoint(path: Path, module: nn.Module, label: str, nets: _Networks,
 
 
 # -- stage 5: write -----------------------------------------------------------------------------------
-def _write(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, results: Results,
-           history: dict[str, History], sections: dict[str, list[Section]], error: str | None,
-           config_toml: str, clock: float) -> RunResult:
+def _write(
+    s: RunSettings,
+    nets: _Networks,
+    ctx: RunContext,
+    host: PluginHost,
+    results: Results,
+    history: dict[str, History],
+    sections: dict[str, list[Section]],
+    error: str | None,
+    config_toml: str,
+    clock: float,
+) -> RunResult:
     run_dir = ctx.run_dir
     results.status = "failed" if error else ("plugins_failed" if host.failures else "complete")
     if not ctx.is_main:  # only rank 0 writes; the others end here
@@ -452,10 +645,15 @@ def _write(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, r
     for name in s.plugins:
         info, failure = host.available[name], host.failures.get(name)
         results.plugins[name] = PluginResult(
-            status="failed" if failure else "ok", version=info.version, description=info.description,
-            seconds=host.timings.get(name, 0.0), error=failure.error if failure else None,
-            failed_hook=failure.hook if failure else None, traceback=failure.traceback if failure else None,
-            sections=sections.get(name, []))
+            status="failed" if failure else "ok",
+            version=info.version,
+            description=info.description,
+            seconds=host.timings.get(name, 0.0),
+            error=failure.error if failure else None,
+            failed_hook=failure.hook if failure else None,
+            traceback=failure.traceback if failure else None,
+            sections=sections.get(name, []),
+        )
     results.error = error
     results.run.phase = None if not error else "train"
     results.run.finished = dt.datetime.now().isoformat(timespec="seconds")
@@ -470,34 +668,57 @@ def _write(s: RunSettings, nets: _Networks, ctx: RunContext, host: PluginHost, r
 def _training_section(ctx: RunContext, history: dict[str, History]) -> Section:
     plt = pyplot()
 
-    s = Section(title="Training", plugin="core", docs="explainer-degradation",
-                explanation="Loss per step and test accuracy per epoch of the model"
-                            + (" and its plain twin (same layers without shortcuts, same data order and seed)."
-                               if "twin" in history else "."))
+    s = Section(
+        title="Training",
+        plugin="core",
+        docs="explainer-degradation",
+        explanation="Loss per step and test accuracy per epoch of the model"
+        + (
+            " and its plain twin (same layers without shortcuts, same data order and seed)."
+            if "twin" in history
+            else "."
+        ),
+    )
     rows = []
     for role, h in history.items():
         for e in h.epochs:
-            rows.append([ctx.label(role), e["epoch"], e["train_loss"], e["train_accuracy"], e["test_loss"],
-                         e["test_accuracy"], e["lr"]])
+            rows.append(
+                [
+                    ctx.label(role),
+                    e["epoch"],
+                    e["train_loss"],
+                    e["train_accuracy"],
+                    e["test_loss"],
+                    e["test_accuracy"],
+                    e["lr"],
+                ]
+            )
         if h.epochs:
             s.metrics[f"{role}/test_accuracy"] = h.epochs[-1]["test_accuracy"]
             s.metrics[f"{role}/train_loss"] = h.epochs[-1]["train_loss"]
     if rows:
-        s.table("Per-epoch metrics", ["network", "epoch", "train loss", "train acc", "test loss", "test acc", "lr"],
-                rows)
+        s.table(
+            "Per-epoch metrics", ["network", "epoch", "train loss", "train acc", "test loss", "test acc", "lr"], rows
+        )
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
         for role, h in history.items():
             a.plot(h.step_losses, label=ctx.label(role), lw=1)
-            b.plot([e["epoch"] for e in h.epochs], [e["test_accuracy"] for e in h.epochs], marker="o",
-                   label=ctx.label(role))
+            b.plot(
+                [e["epoch"] for e in h.epochs],
+                [e["test_accuracy"] for e in h.epochs],
+                marker="o",
+                label=ctx.label(role),
+            )
         a.set(xlabel="step", ylabel="training loss", yscale="log", title="Loss per step")
         b.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy", ylim=(0, 1.02))
         a.legend(), b.legend()
         s.figure(fig, "Training curves", "Left: training loss per step (log scale). Right: test accuracy per epoch.")
     if "twin" in history and history["twin"].epochs and history["model"].epochs:
         gap = history["model"].epochs[-1]["test_accuracy"] - history["twin"].epochs[-1]["test_accuracy"]
-        s.finding(f"After {len(history['model'].epochs)} epochs the residual network reaches "
-                  f"{history['model'].epochs[-1]['test_accuracy']:.1%} test accuracy and its plain twin "
-                  f"{history['twin'].epochs[-1]['test_accuracy']:.1%} ({gap * 100:+.1f} points for the shortcuts).",
-                  "good" if gap > 0.02 else "info")
+        s.finding(
+            f"After {len(history['model'].epochs)} epochs the residual network reaches "
+            f"{history['model'].epochs[-1]['test_accuracy']:.1%} test accuracy and its plain twin "
+            f"{history['twin'].epochs[-1]['test_accuracy']:.1%} ({gap * 100:+.1f} points for the shortcuts).",
+            "good" if gap > 0.02 else "info",
+        )
     return s

@@ -16,17 +16,18 @@ import torch
 
 from resinspect import Section, hookimpl, residual_blocks
 
-NAME = "{name}"
+# The plugin's name is its entry point's name in pyproject.toml ("{name}"), its description this module's
+# docstring, its version the package's: nothing to declare here.
 
 
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("samples", int, 64, "test images to use", check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("samples", int, 64, "test images to use", bounds="[1, 100_000]")
 
 
 @hookimpl
 def resinspect_analyze(ctx):
-    opts = ctx.options(NAME)
+    opts = ctx.options()  # this plugin's options (ctx knows whose hook is running)
     section = Section("{title}", explanation="What this measures and how to read it.")
     correct = count = 0
     with torch.no_grad():
@@ -39,7 +40,7 @@ def resinspect_analyze(ctx):
     return section
 '''
 
-_PYPROJECT = '''[build-system]
+_PYPROJECT = """[build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
 
@@ -55,23 +56,25 @@ dependencies = ["resinspect"]
 
 [tool.setuptools]
 py-modules = ["resinspect_{name}"]
-'''
+"""
 
-_TEST = '''from resinspect.testing import run_plugin
+_TEST = """from resinspect.testing import run_plugin
 
 
 def test_{name}_runs_end_to_end():
     section = run_plugin("{name}", model="resnet20", epochs=1)
     assert 0.0 <= section.metrics["accuracy"] <= 1.0
     assert section.metrics["residual_blocks"] == 9
-'''
+"""
 
 
 def new_plugin(name: str, parent: str | Path = ".") -> Path:
     """Create ``parent/resinspect-<name>/`` and return its path."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
-        raise ResinspectError(f"plugin name '{name}': use lower-case letters, digits and underscores, "
-                              "starting with a letter (it becomes the module resinspect_<name>)")
+        raise ResinspectError(
+            f"plugin name '{name}': use lower-case letters, digits and underscores, "
+            "starting with a letter (it becomes the module resinspect_<name>)"
+        )
     root = Path(parent) / f"resinspect-{name.replace('_', '-')}"
     if root.exists():
         raise ResinspectError(f"{root}: already exists; choose another name or folder")
@@ -80,6 +83,8 @@ def new_plugin(name: str, parent: str | Path = ".") -> Path:
     (root / f"resinspect_{name}.py").write_text(_MODULE.format(name=name, title=title))
     (root / "pyproject.toml").write_text(_PYPROJECT.format(name=name, dist=name.replace("_", "-")))
     (root / "tests" / f"test_{name}.py").write_text(_TEST.format(name=name))
-    (root / "README.md").write_text(f"# resinspect-{name}\n\nA resinspect plugin. `pip install .`, then "
-                                    f"`resinspect run --plugins {name}`. Tests: `pytest tests`.\n")
+    (root / "README.md").write_text(
+        f"# resinspect-{name}\n\nA resinspect plugin. `pip install .`, then "
+        f"`resinspect run --plugins {name}`. Tests: `pytest tests`.\n"
+    )
     return root

@@ -76,7 +76,7 @@ class Figure:
     alt: str = ""
 
     @classmethod
-    def from_matplotlib(cls, fig: Any, title: str, caption: str = "", alt: str = "", dpi: int = 110) -> "Figure":
+    def from_matplotlib(cls, fig: Any, title: str, caption: str = "", alt: str = "", dpi: int = 110) -> Figure:
         import matplotlib.pyplot as plt
 
         buf = io.BytesIO()
@@ -105,9 +105,12 @@ class Section:
             as in ``ctx.blocks()``), about the model's residual blocks; set with :meth:`block_column`. The
             dossier puts every plugin's columns in one table, a row per block, with their rank correlations.
         block_sign: per column, +1 (the default) when a larger value means the block matters more, -1 when it
-            means it matters less (CKA between a block's input and output, for example).
+            means it matters less (CKA between a block's input and output, for example); set through
+            :meth:`block_column`'s ``matters_more_when``.
         key_metrics: the names (keys of ``metrics``) of the few numbers that summarise the section; a sweep
             plots them against depth.
+        tensorboard_skip: metric names kept out of TensorBoard (they still go to the report and results.json);
+            set with ``section.metric(name, value, tensorboard=False)``.
         plugin, status, error, traceback: filled in by the host.
     """
 
@@ -122,16 +125,28 @@ class Section:
     per_block: dict[str, dict[str, float]] = field(default_factory=dict)
     block_sign: dict[str, int] = field(default_factory=dict)
     key_metrics: list[str] = field(default_factory=list)
+    tensorboard_skip: set[str] = field(default_factory=set)
     plugin: str = ""
     status: str = "ok"
     error: str | None = None
     traceback: str | None = None
 
+    def metric(self, name: str, value: Any, tensorboard: bool = True) -> None:
+        """``metrics[name] = value``; ``tensorboard=False`` keeps it out of TensorBoard (a per-image or per-pair
+        number that would only clutter it). Names may contain ``/``: TensorBoard groups tags by their first
+        part, and a leading ``model/`` or ``twin/`` sends the number to that network's run."""
+        self.metrics[name] = value
+        if tensorboard:
+            self.tensorboard_skip.discard(name)
+        else:
+            self.tensorboard_skip.add(name)
+
     def finding(self, text: str, severity: str = "info") -> None:
         self.findings.append(Finding(text, severity))
 
-    def table(self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "",
-              fold: bool | None = None) -> None:
+    def table(
+        self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "", fold: bool | None = None
+    ) -> None:
         self.tables.append(Table(title, columns, rows, caption, fold))
 
     def figure(self, fig: Any, title: str, caption: str = "", alt: str = "") -> None:
@@ -143,44 +158,84 @@ class Section:
             return
         self.figures.append(Figure.from_matplotlib(fig, title, caption, alt))
 
-    def block_column(self, name: str, values: dict[str, float], sign: int = 1) -> None:
+    def block_column(
+        self, name: str, values: dict[str, float], matters_more_when: str = "larger", *, sign: int | None = None
+    ) -> None:
         """Add a column to the per-block dossier: ``values`` maps block names to numbers (blocks without a
-        value are left blank); ``sign`` -1 when a larger value means the block matters less."""
-        if sign not in (1, -1):
-            raise ValueError(f"block column '{name}': sign must be 1 or -1, not {sign!r}")
+        value are left blank). ``matters_more_when``: ``"larger"`` (the default) when a larger value means the
+        block matters more (a lesion's accuracy cost), ``"smaller"`` when a larger value means it matters less
+        (CKA between a block's input and output: a block that changes little). ``sign=±1`` is the older
+        spelling of the same thing."""
+        if sign is not None:
+            if sign not in (1, -1):
+                raise ValueError(f"block column '{name}': sign must be 1 or -1, not {sign!r}")
+            matters_more_when = "larger" if sign == 1 else "smaller"
+        if matters_more_when not in ("larger", "smaller"):
+            raise ValueError(
+                f"block column '{name}': matters_more_when must be 'larger' or 'smaller', not {matters_more_when!r}"
+            )
         self.per_block[name] = {str(b): float(v) for b, v in values.items() if v is not None}
-        if sign != 1:
-            self.block_sign[name] = sign
+        if matters_more_when == "smaller":
+            self.block_sign[name] = -1
+        else:
+            self.block_sign.pop(name, None)
 
     def to_dict(self, figure_files: list[str]) -> dict[str, Any]:
         return {
-            "title": self.title, "plugin": self.plugin, "status": self.status, "explanation": self.explanation,
-            "docs": self.docs, "role": self.role, "findings": [{"text": f.text, "severity": f.severity} for f in self.findings],
+            "title": self.title,
+            "plugin": self.plugin,
+            "status": self.status,
+            "explanation": self.explanation,
+            "docs": self.docs,
+            "role": self.role,
+            "findings": [{"text": f.text, "severity": f.severity} for f in self.findings],
             "metrics": {k: _jsonable(v) for k, v in self.metrics.items()},
-            "tables": [{"title": t.title, "columns": t.columns, "rows": [[_jsonable(c) for c in r] for r in t.rows],
-                        "caption": t.caption, "fold": t.fold} for t in self.tables],
-            "figures": [{"title": f.title, "caption": f.caption, "alt": f.alt, "file": path}
-                        for f, path in zip(self.figures, figure_files)],
+            "tables": [
+                {
+                    "title": t.title,
+                    "columns": t.columns,
+                    "rows": [[_jsonable(c) for c in r] for r in t.rows],
+                    "caption": t.caption,
+                    "fold": t.fold,
+                }
+                for t in self.tables
+            ],
+            "figures": [
+                {"title": f.title, "caption": f.caption, "alt": f.alt, "file": path}
+                for f, path in zip(self.figures, figure_files)
+            ],
             "per_block": {c: {b: _jsonable(v) for b, v in col.items()} for c, col in self.per_block.items()},
-            "block_sign": dict(self.block_sign), "key_metrics": list(self.key_metrics),
-            "error": self.error, "traceback": self.traceback,
+            "block_sign": dict(self.block_sign),
+            "key_metrics": list(self.key_metrics),
+            "error": self.error,
+            "traceback": self.traceback,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], load_png: Any) -> "Section":
+    def from_dict(cls, d: dict[str, Any], load_png: Any) -> Section:
         return cls(
-            title=d["title"], plugin=d.get("plugin", ""), status=d.get("status", "ok"),
-            explanation=d.get("explanation", ""), docs=d.get("docs"), role=d.get("role"),
+            title=d["title"],
+            plugin=d.get("plugin", ""),
+            status=d.get("status", "ok"),
+            explanation=d.get("explanation", ""),
+            docs=d.get("docs"),
+            role=d.get("role"),
             findings=[Finding(f["text"], f.get("severity", "info")) for f in d.get("findings", [])],
             metrics=dict(d.get("metrics", {})),
-            tables=[Table(t["title"], t["columns"], t["rows"], t.get("caption", ""), t.get("fold"))
-                    for t in d.get("tables", [])],
-            figures=[Figure(f["title"], load_png(f["file"]), f.get("caption", ""), f.get("alt", ""))
-                     for f in d.get("figures", [])],
+            tables=[
+                Table(t["title"], t["columns"], t["rows"], t.get("caption", ""), t.get("fold"))
+                for t in d.get("tables", [])
+            ],
+            figures=[
+                Figure(f["title"], load_png(f["file"]), f.get("caption", ""), f.get("alt", ""))
+                for f in d.get("figures", [])
+            ],
             per_block={c: dict(col) for c, col in d.get("per_block", {}).items()},
             block_sign={c: int(v) for c, v in d.get("block_sign", {}).items()},
             key_metrics=list(d.get("key_metrics", [])),
-            error=d.get("error"), traceback=d.get("traceback"))
+            error=d.get("error"),
+            traceback=d.get("traceback"),
+        )
 
 
 def _jsonable(v: Any) -> Any:

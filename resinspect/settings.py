@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from .errors import ResinspectError, UnknownNameError
-from .options import convert
+from .options import Interval, convert
 from .plugins import DEFAULT_PLUGINS
 from .rundir import read_config_file
 from .training import TrainConfig
@@ -27,13 +28,15 @@ DEFAULT_EPOCHS = 8
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def _at_least(low: float, strict: bool = False) -> Callable[[Any], str | None]:
+def _within(bounds: str) -> Callable[[Any], str | None]:
+    """A check that refuses values outside ``bounds`` (an :class:`~resinspect.options.Interval`, e.g.
+    ``"(0, 100]"``): every numeric setting has finite bounds, so NaN, infinities and absurd sizes are refused
+    before any work starts."""
+    interval = Interval.parse(bounds)
+
     def check(v: Any) -> str | None:
-        if v is None:
-            return None
-        if (v <= low) if strict else (v < low):
-            return f"must be {'>' if strict else '>='} {low:g}"
-        return None
+        return None if v is None else interval.problem(v)
+
     return check
 
 
@@ -75,11 +78,12 @@ class Setting:
         try:
             value = convert(self.type, value)
         except (TypeError, ValueError):
-            raise ResinspectError(f"{where}: {self.name} = {value!r} is not a valid "
-                                  f"{'boolean' if self.type is bool else self.type.__name__}") from None
+            raise ResinspectError(
+                f"{where}: {self.name} = {value!r} is not a valid "
+                f"{'boolean' if self.type is bool else self.type.__name__}"
+            ) from None
         if self.choices is not None and value not in self.choices:
-            raise ResinspectError(f"{where}: {self.name} = {value!r} is not one of "
-                                  f"{', '.join(map(str, self.choices))}")
+            raise ResinspectError(f"{where}: {self.name} = {value!r} is not one of {', '.join(map(str, self.choices))}")
         problem = self.check(value) if self.check else None
         if problem:
             raise ResinspectError(f"{where}: {self.name} = {value!r}: {problem}")
@@ -91,33 +95,98 @@ SETTINGS: list[Setting] = [
     Setting("data", str, "digits", "Dataset name (see `resinspect datasets`).", short="-d"),
     Setting("data_root", Path, "data", "Folder with local dataset files (MNIST, CIFAR-10, ImageFolder)."),
     Setting("download", bool, False, "Let torchvision try to download missing dataset files."),
-    Setting("plugins", list, list(DEFAULT_PLUGINS), "Comma-separated plugins to run (names from `resinspect "
-            "plugins`, module paths or .py files).", short="-p", commands=("run",)),
-    Setting("epochs", int, None, f"Training epochs (default {DEFAULT_EPOCHS}; 0 with --checkpoint).", short="-e",
-            check=_at_least(0)),
+    Setting(
+        "plugins",
+        list,
+        list(DEFAULT_PLUGINS),
+        "Comma-separated plugins to run (names from `resinspect plugins`, module paths or .py files).",
+        short="-p",
+        commands=("run",),
+    ),
+    Setting(
+        "epochs",
+        int,
+        None,
+        f"Training epochs (default {DEFAULT_EPOCHS}; 0 with --checkpoint).",
+        short="-e",
+        check=_within("[0, 100_000]"),
+    ),
     Setting("twin", bool, False, "Also train the plain twin (same layers, no shortcuts)."),
-    Setting("checkpoint", Path, None, "Load the model from this checkpoint instead of training from scratch (with "
-            "--twin, also the twin.pt saved beside it)."),
+    Setting(
+        "checkpoint",
+        Path,
+        None,
+        "Load the model from this checkpoint instead of training from scratch (with "
+        "--twin, also the twin.pt saved beside it).",
+    ),
     Setting("out", Path, None, "Run directory (default: a new folder under the reports root).", short="-O"),
     Setting("reports_root", Path, "reports", "Where runs without --out get their folder."),
     Setting("device", str, "auto", "Where to compute.", choices=("auto", "cpu", "cuda")),
-    Setting("seed", int, 0, "Random seed: the same seed gives the same numbers on CPU."),
-    Setting("batch_size", int, _TRAIN_DEFAULTS["batch_size"], "Training batch size.", table="train",
-            check=_at_least(1)),
+    Setting(
+        "seed",
+        int,
+        0,
+        "Random seed: with the same torch version and thread count, the same seed gives the same numbers on CPU.",
+        check=_within("[0, 9_223_372_036_854_775_807]"),
+    ),
+    Setting(
+        "batch_size",
+        int,
+        _TRAIN_DEFAULTS["batch_size"],
+        "Training batch size.",
+        table="train",
+        check=_within("[1, 65536]"),
+    ),
     Setting("optimizer", str, _TRAIN_DEFAULTS["optimizer"], "Optimizer.", table="train", choices=("adam", "sgd")),
-    Setting("lr", float, _TRAIN_DEFAULTS["lr"], "Learning rate (default 1e-3 with Adam, 0.1 with SGD).",
-            table="train", check=_at_least(0, strict=True)),
-    Setting("momentum", float, _TRAIN_DEFAULTS["momentum"], "SGD momentum.", table="train", check=_at_least(0)),
-    Setting("weight_decay", float, _TRAIN_DEFAULTS["weight_decay"], "Weight decay.", table="train",
-            check=_at_least(0)),
-    Setting("schedule", str, _TRAIN_DEFAULTS["schedule"], "Learning-rate schedule.", table="train",
-            choices=("cosine", "step", "none")),
-    Setting("step_size", int, _TRAIN_DEFAULTS["step_size"], "Epochs between decays of the step schedule.",
-            table="train", check=_at_least(1)),
-    Setting("gamma", float, _TRAIN_DEFAULTS["gamma"], "Decay factor of the step schedule.", table="train",
-            check=_at_least(0, strict=True)),
-    Setting("sync_bn", bool, _TRAIN_DEFAULTS["sync_bn"], "Under torchrun, normalise each BatchNorm over the whole "
-            "global batch (SyncBatchNorm, CUDA only) instead of each process's share.", table="train"),
+    Setting(
+        "lr",
+        float,
+        _TRAIN_DEFAULTS["lr"],
+        "Learning rate (default 1e-3 with Adam, 0.1 with SGD).",
+        table="train",
+        check=_within("(0, 100]"),
+    ),
+    Setting("momentum", float, _TRAIN_DEFAULTS["momentum"], "SGD momentum.", table="train", check=_within("[0, 1]")),
+    Setting(
+        "weight_decay",
+        float,
+        _TRAIN_DEFAULTS["weight_decay"],
+        "Weight decay.",
+        table="train",
+        check=_within("[0, 100]"),
+    ),
+    Setting(
+        "schedule",
+        str,
+        _TRAIN_DEFAULTS["schedule"],
+        "Learning-rate schedule.",
+        table="train",
+        choices=("cosine", "step", "none"),
+    ),
+    Setting(
+        "step_size",
+        int,
+        _TRAIN_DEFAULTS["step_size"],
+        "Epochs between decays of the step schedule.",
+        table="train",
+        check=_within("[1, 100_000]"),
+    ),
+    Setting(
+        "gamma",
+        float,
+        _TRAIN_DEFAULTS["gamma"],
+        "Decay factor of the step schedule.",
+        table="train",
+        check=_within("(0, 100]"),
+    ),
+    Setting(
+        "sync_bn",
+        bool,
+        _TRAIN_DEFAULTS["sync_bn"],
+        "Under torchrun, normalise each BatchNorm over the whole "
+        "global batch (SyncBatchNorm, CUDA only) instead of each process's share.",
+        table="train",
+    ),
 ]
 _RESERVED_TABLES = {"run", "train", "data"}
 
@@ -130,12 +199,12 @@ class RunSettings:
     """The values of every setting of :data:`SETTINGS` (attribute access: ``s.model``), plus the dataset's
     own arguments (``data_args``, the ``[data]`` table) and the plugin option tables of a config file."""
 
-    def __init__(self, rows: Sequence[Setting] | None = None, data_args: dict[str, Any] | None = None,
-                 **values: Any):
+    def __init__(self, rows: Sequence[Setting] | None = None, data_args: dict[str, Any] | None = None, **values: Any):
         object.__setattr__(self, "rows", _table(rows if rows is not None else SETTINGS))
         object.__setattr__(self, "values", {n: copy.copy(r.default) for n, r in self.rows.items()})
         object.__setattr__(self, "data_args", dict(data_args or {}))
         object.__setattr__(self, "plugin_tables", {})
+        object.__setattr__(self, "config_file", None)  # the --config file the values came from, if any
         self.update(values, "settings")
 
     def __getattr__(self, name: str) -> Any:
@@ -145,7 +214,7 @@ class RunSettings:
         raise AttributeError(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("data_args", "plugin_tables"):
+        if name in ("data_args", "plugin_tables", "config_file"):
             object.__setattr__(self, name, value)
         else:
             self.update({name: value}, "settings")
@@ -164,26 +233,33 @@ class RunSettings:
     def train_config(self) -> TrainConfig:
         """What the training loop needs: the ``train`` settings plus epochs and seed."""
         train = {n: self.values[n] for n, r in self.rows.items() if r.table == "train"}
-        return TrainConfig(**train, epochs=self.epochs if self.epochs is not None else DEFAULT_EPOCHS,
-                           seed=self.seed)
+        return TrainConfig(**train, epochs=self.epochs if self.epochs is not None else DEFAULT_EPOCHS, seed=self.seed)
 
     @classmethod
-    def from_config(cls, path: str | Path | None, rows: Sequence[Setting] | None = None) -> "RunSettings":
+    def from_config(cls, path: str | Path | None, rows: Sequence[Setting] | None = None) -> RunSettings:
         """Read a ``--config`` TOML file: ``[run]``, ``[train]``, ``[data]`` and one table per plugin."""
         s = cls(rows)
         if path is None:
             return s
         cfg = read_config_file(path)
+        for table, value in cfg.items():
+            if not isinstance(value, dict):
+                raise ResinspectError(
+                    f"config {path}: '{table}' should be a table ([{table}] with keys under it), "
+                    f"not a {type(value).__name__}"
+                )
         for table in ("run", "train"):
             given = cfg.get(table, {})
             valid = sorted(n for n, r in s.rows.items() if r.table == table)
             bad = sorted(set(given) - set(valid))
             if bad:
-                raise ResinspectError(f"config {path}: unknown key(s) in [{table}]: {', '.join(bad)}; "
-                                      f"valid: {', '.join(valid)}")
+                raise ResinspectError(
+                    f"config {path}: unknown key(s) in [{table}]: {', '.join(bad)}; valid: {', '.join(valid)}"
+                )
             s.update(given, f"config {path} [{table}]")
         s.data_args = dict(cfg.get("data", {}))
         s.plugin_tables = {k: v for k, v in cfg.items() if k not in _RESERVED_TABLES}
+        s.config_file = str(path)
         return s
 
     def to_dict(self) -> dict[str, Any]:

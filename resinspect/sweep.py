@@ -22,13 +22,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, cast
 
 from .errors import ResinspectError
 from .results import Results
-from .rundir import dump_toml, output_error, write_atomic
+from .rundir import dump_toml, folder_kind, output_error, write_atomic
 from .settings import RunSettings
 
 __all__ = ["sweep", "SweepResult", "aggregate", "read_sweep", "render_sweep", "SWEEP_FILE"]
@@ -101,8 +102,9 @@ def _identity(s: RunSettings, pairs: Sequence[str]) -> dict[str, Any]:
     d = s.to_dict()
     for k in _NOT_IDENTITY:
         d.pop(k, None)
-    return json.loads(json.dumps({"settings": d, "plugin_tables": s.plugin_tables, "options": sorted(pairs)},
-                                 default=str))
+    return json.loads(
+        json.dumps({"settings": d, "plugin_tables": s.plugin_tables, "options": sorted(pairs)}, default=str)
+    )
 
 
 def _with_defaults(old: Any, default: Any) -> Any:
@@ -145,10 +147,20 @@ def _run_state(run_dir: Path) -> tuple[str, float | None]:
     return r.status, r.run.seconds
 
 
-def sweep(models: Sequence[str], seeds: Sequence[int] = (0,), *, out: str | Path | None = None, jobs: int = 1,
-          config: str | Path | None = None, settings: RunSettings | None = None,
-          options: Sequence[str] | None = None, overwrite: bool = False, progress: bool = False,
-          echo: Callable[[str], None] | None = None, **values: Any) -> SweepResult:
+def sweep(
+    models: Sequence[str],
+    seeds: Sequence[int | str] = (0,),
+    *,
+    out: str | Path | None = None,
+    jobs: int = 1,
+    config: str | Path | None = None,
+    settings: RunSettings | None = None,
+    options: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    echo: Callable[[str], None] | None = None,
+    **values: Any,
+) -> SweepResult:
     """Train and analyse every (model, seed) combination into one sweep folder and write its report.
 
     Args:
@@ -163,20 +175,21 @@ def sweep(models: Sequence[str], seeds: Sequence[int] = (0,), *, out: str | Path
         echo: where progress lines go (default: nowhere).
     """
     echo = echo or (lambda _: None)
-    s, models, seeds, pairs, root, ident, previous = _resolve(models, seeds, out, jobs, config, settings, options,
-                                                             overwrite, values)
+    s, models, grid_seeds, pairs, root, ident, previous = _resolve(
+        models, seeds, out, jobs, config, settings, options, overwrite, values
+    )
     redo_all = overwrite and previous is not None and previous.get("identity") != ident
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise output_error(root, "create the sweep folder", e) from e
-    runs = [SweepRun(m, seed, f"{_safe(m)}-seed{seed}") for m in models for seed in seeds]
+    runs = [SweepRun(m, seed, f"{_safe(m)}-seed{seed}") for m in models for seed in grid_seeds]
     for r in runs:
-        state, seconds = _run_state(root / r.path)
-        if state in _DONE and not redo_all:
-            r.status, r.reused, r.seconds = state, True, seconds
+        found, seconds = _run_state(root / r.path)
+        if found in _DONE and not redo_all:
+            r.status, r.reused, r.seconds = found, True, seconds
     started = dt.datetime.now().isoformat(timespec="seconds")
-    state = {"identity": ident, "started": started, "models": models, "seeds": seeds, "jobs": jobs}
+    state = {"identity": ident, "started": started, "models": models, "seeds": grid_seeds, "jobs": jobs}
     _write_sweep(root, state, runs, "running")
     todo = [r for r in runs if not r.reused]
     for r in runs:
@@ -203,7 +216,17 @@ def sweep(models: Sequence[str], seeds: Sequence[int] = (0,), *, out: str | Path
     return SweepResult(root, runs, agg)
 
 
-def _resolve(models, seeds, out, jobs, config, settings, options, overwrite, values):
+def _resolve(
+    models: Sequence[str],
+    seeds: Sequence[int | str],
+    out: str | Path | None,
+    jobs: int,
+    config: Any,
+    settings: RunSettings | None,
+    options: Sequence[str] | None,
+    overwrite: bool,
+    values: dict[str, Any],
+) -> tuple[RunSettings, list[str], list[int], list[str], Path, dict[str, Any], dict[str, Any] | None]:
     """Check everything before any run: settings, models, seeds, plugins and their options, the dataset, and
     that the sweep folder is new, or a sweep made with the same settings."""
     from .plugins import PluginHost
@@ -215,8 +238,10 @@ def _resolve(models, seeds, out, jobs, config, settings, options, overwrite, val
     s.update(values, "sweep()")
     s.train_config().validate()
     if s.checkpoint:
-        raise ResinspectError("--checkpoint: a sweep trains each model from scratch; analyse a saved model with "
-                              "`resinspect run --checkpoint`")
+        raise ResinspectError(
+            "--checkpoint: a sweep trains each model from scratch; analyse a saved model with "
+            "`resinspect run --checkpoint`"
+        )
     if jobs < 1:
         raise ResinspectError(f"--jobs: must be >= 1, not {jobs}")
     models, seeds = _check_models(models), _parse_seeds(seeds)
@@ -227,47 +252,101 @@ def _resolve(models, seeds, out, jobs, config, settings, options, overwrite, val
     from .data import load_data
 
     load_data(s.data, s.data_root, s.download, **s.data_args)  # a bad dataset or argument fails here, once
-    host.option_registry().resolve(s.plugin_tables, pairs)  # bad -o values fail here, before any run
+    host.option_registry().resolve(
+        s.plugin_tables, pairs, where=f"config {s.config_file}" if s.config_file else "config"
+    )  # bad -o values fail here, before any run
     root = Path(out) if out is not None else Path(s.reports_root) / _safe("sweep-" + "-".join(models))[:80]
     ident = _identity(s, pairs)
-    previous = _read_json(root / SWEEP_FILE) if (root / SWEEP_FILE).is_file() else None
-    if previous is not None:  # a setting added since that sweep counts as having had its default value
-        previous["identity"] = _with_defaults(previous.get("identity", {}), _identity(RunSettings(list(s.rows.values())), []))
+    kind = folder_kind(root)
+    if kind == "run":  # --overwrite replaces a sweep, never turns a run's folder into one
+        raise ResinspectError(
+            f"sweep {root}: is a run directory (it holds results.json), not a sweep folder; a "
+            "sweep never replaces a run: choose another --out"
+        )
+    previous = None
+    if kind == "sweep":
+        try:
+            previous = _read_json(root / SWEEP_FILE)
+        except ResinspectError as e:
+            if not overwrite:
+                raise ResinspectError(
+                    f"{e}. Pass --overwrite to start this sweep again (its runs are redone), or choose another --out"
+                ) from None
+            previous = {"identity": None}  # unreadable: every run is redone
+    if previous is not None and previous.get("identity") is not None:
+        # a setting added since that sweep counts as having had its default value
+        previous["identity"] = _with_defaults(
+            previous.get("identity", {}), _identity(RunSettings(list(s.rows.values())), [])
+        )
     if previous is not None and previous.get("identity") != ident:
         if not overwrite:
             diffs = _diff(previous.get("identity", {}), ident)
-            raise ResinspectError(f"sweep {root}: was made with other settings ({'; '.join(diffs[:4])}); rerun "
-                                  "with the same settings to resume, choose another --out, or pass --overwrite "
-                                  "to redo every run")
-    elif root.exists() and previous is None and any(root.iterdir()) and not overwrite:
-        raise ResinspectError(f"sweep {root}: exists and is not a sweep folder (no {SWEEP_FILE}); choose another "
-                              "--out or pass --overwrite")
+            raise ResinspectError(
+                f"sweep {root / SWEEP_FILE}: the sweep was made with other settings "
+                f"({'; '.join(diffs[:4])[:300]}); rerun with the same settings to resume, choose "
+                "another --out, or pass --overwrite to redo every run"
+            )
+    elif kind == "other" and not overwrite:
+        raise ResinspectError(
+            f"sweep {root}: exists and is not a sweep folder (no {SWEEP_FILE}); choose another "
+            "--out or pass --overwrite"
+        )
     return s, models, seeds, pairs, root, ident, previous
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """sweep.json, checked against its schema (resinspect/sweep-schema.json): any problem names the file and
+    the field."""
+    from .schema import describe_problem, load_schema, validate
+
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResinspectError(f"sweep {path}: cannot be read: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ResinspectError(
+            f"sweep {path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}; a truncated file?)"
+        ) from None
+    except UnicodeDecodeError:
+        raise ResinspectError(f"sweep {path}: not a text file") from None
+    except OSError as e:
+        raise ResinspectError(f"sweep {path}: cannot be read: {e.strerror or e}") from None
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         raise ResinspectError(f"sweep {path}: not a resinspect sweep file")
     if d.get("schema_version") != SCHEMA_VERSION:
-        raise ResinspectError(f"sweep {path}: schema version {d.get('schema_version')!r}; this resinspect reads "
-                              f"version {SCHEMA_VERSION}")
+        raise ResinspectError(
+            f"sweep {path}: schema version {d.get('schema_version')!r}; this resinspect reads version {SCHEMA_VERSION}"
+        )
+    problems = validate(d, load_schema("sweep-schema.json"))
+    if problems:
+        raise ResinspectError(f"sweep {path}: does not match the sweep schema: {describe_problem(problems)}")
     return d
 
 
-def _write_sweep(root: Path, state: dict[str, Any], runs: list[SweepRun], status: str,
-                 agg: dict[str, Any] | None = None) -> dict[str, Any]:
-    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "status": status,
-           "started": state["started"], "finished": dt.datetime.now().isoformat(timespec="seconds")
-           if status != "running" else None,
-           "grid": {"models": state["models"], "seeds": state["seeds"]}, "jobs": state["jobs"],
-           "identity": state["identity"],
-           "runs": [{"model": r.model, "seed": r.seed, "path": r.path, "status": r.status, "seconds": r.seconds,
-                     "reused": r.reused, "error": r.error} for r in runs],
-           "aggregate": agg or {}}
+def _write_sweep(
+    root: Path, state: dict[str, Any], runs: list[SweepRun], status: str, agg: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    doc = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "started": state["started"],
+        "finished": dt.datetime.now().isoformat(timespec="seconds") if status != "running" else None,
+        "grid": {"models": state["models"], "seeds": state["seeds"]},
+        "jobs": state["jobs"],
+        "identity": state["identity"],
+        "runs": [
+            {
+                "model": r.model,
+                "seed": r.seed,
+                "path": r.path,
+                "status": r.status,
+                "seconds": r.seconds,
+                "reused": r.reused,
+                "error": r.error,
+            }
+            for r in runs
+        ],
+        "aggregate": agg or {},
+    }
     from .results import results_json
 
     write_atomic(root / SWEEP_FILE, results_json(doc))
@@ -280,8 +359,12 @@ def _run_here(s: RunSettings, pairs: list[str], root: Path, r: SweepRun, progres
     clock = time.perf_counter()
     r.status = "running"
     try:
-        result = run(settings=_combo_settings(s, r.model, r.seed, root / r.path), options=pairs, progress=progress,
-                     overwrite=True)
+        result = run(
+            settings=_combo_settings(s, r.model, r.seed, root / r.path),
+            options=pairs,
+            progress=progress,
+            overwrite=True,
+        )
         r.status, r.error = result.status, result.results.error
     except KeyboardInterrupt:
         r.seconds = round(time.perf_counter() - clock, 1)
@@ -297,29 +380,48 @@ def _command(s: RunSettings, pairs: list[str], root: Path, r: SweepRun) -> list[
     cfg.update(copy.deepcopy(c.plugin_tables))
     path = root / ".sweep" / f"{r.path}.toml"
     write_atomic(path, dump_toml(cfg))
-    cmd = [sys.executable, "-m", "resinspect", "run", "--config", str(path), "--out", str(root / r.path),
-           "--overwrite", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "resinspect",
+        "run",
+        "--config",
+        str(path),
+        "--out",
+        str(root / r.path),
+        "--overwrite",
+        "--quiet",
+    ]
     for p in pairs:
         cmd += ["-o", p]
     return cmd
 
 
-def _run_parallel(s: RunSettings, pairs: list[str], root: Path, todo: list[SweepRun], jobs: int,
-                  echo: Callable[[str], None], saved: Callable[[], None]) -> None:
-    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                  // jobs)
+def _run_parallel(
+    s: RunSettings,
+    pairs: list[str],
+    root: Path,
+    todo: list[SweepRun],
+    jobs: int,
+    echo: Callable[[str], None],
+    saved: Callable[[], object],
+) -> None:
+    threads = max(
+        1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // jobs
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    waiting, active = list(todo), []
+    waiting, active = list(todo), cast("list[tuple[SweepRun, subprocess.Popen[bytes], Any, float]]", [])
     logs = root / ".sweep"
     try:
         while waiting or active:
             while waiting and len(active) < jobs:
                 r = waiting.pop(0)
-                log = (logs / f"{r.path}.log")
+                log = logs / f"{r.path}.log"
                 cmd = _command(s, pairs, root, r)
                 fh = open(log, "wb")
-                active.append((r, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh,
-                               time.perf_counter()))
+                active.append(
+                    (r, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh, time.perf_counter())
+                )
                 r.status = "running"
                 echo(f"  started {r.model} seed {r.seed} ({threads} thread{'s' if threads > 1 else ''})")
             time.sleep(0.2)
@@ -338,7 +440,7 @@ def _run_parallel(s: RunSettings, pairs: list[str], root: Path, todo: list[Sweep
                 echo(f"  {r.model} seed {r.seed}: {r.status} in {r.seconds:.0f} s")
                 saved()
     except KeyboardInterrupt:
-        for r, proc, fh, _ in active:
+        for _r, proc, _fh, _ in active:
             proc.terminate()
         for r, proc, fh, _ in active:
             try:
@@ -406,8 +508,12 @@ def _key_metrics(r: Results) -> dict[str, list[str]]:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def aggregate(root: Path, runs: Sequence[SweepRun]) -> dict[str, Any]:
@@ -447,13 +553,18 @@ def aggregate(root: Path, runs: Sequence[SweepRun]) -> dict[str, Any]:
     families: dict[str, dict[str, dict[str, Any]]] = {}
     for (family, depth), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         families.setdefault(family, {})[str(depth)] = {k: _stats(v) for k, v in g.items()}
-    return {"families": families, "labels": {f: {str(d): n for d, n in sorted(v.items())} for f, v in labels.items()
-                                             if v},
-            "key_metrics": keys, "epochs": epochs, "findings": degradation_findings(families, labels)}
+    return {
+        "families": families,
+        "labels": {f: {str(d): n for d, n in sorted(v.items())} for f, v in labels.items() if v},
+        "key_metrics": keys,
+        "epochs": epochs,
+        "findings": degradation_findings(families, labels),
+    }
 
 
-def degradation_findings(families: dict[str, dict[str, dict[str, Any]]], labels: dict[str, Any]
-                         ) -> list[dict[str, str]]:
+def degradation_findings(
+    families: dict[str, dict[str, dict[str, Any]]], labels: dict[str, Any]
+) -> list[dict[str, str]]:
     """Does the plain family degrade with depth (He et al. 2016), does the residual one not, by how much."""
     out: list[dict[str, str]] = []
     change: dict[str, tuple[float, float | None]] = {}
@@ -470,32 +581,59 @@ def degradation_findings(families: dict[str, dict[str, dict[str, Any]]], labels:
         change[family] = (delta, se)
         margin = 2 * se if se is not None else 1.0
         how = f"± {se:.1f} standard error" if se is not None else "one seed per depth: no error bar"
-        words = (f"test error {a['mean']:.1%} at depth {lo} and {b['mean']:.1%} at depth {hi} ({delta:+.1f} points, "
-                 f"{how})")
+        words = (
+            f"test error {a['mean']:.1%} at depth {lo} and {b['mean']:.1%} at depth {hi} ({delta:+.1f} points, {how})"
+        )
         tr = ""
         if "train_error" in by_depth[lo] and "train_error" in by_depth[hi]:
             tdelta = (by_depth[hi]["train_error"]["mean"] - by_depth[lo]["train_error"]["mean"]) * 100
             tr = f"; training error {tdelta:+.1f} points"
         if family == "plain":
             if delta > margin:
-                out.append({"severity": "info", "text": f"The plain networks degrade with depth: {words}{tr}. "
-                            + ("Training error rises too, so it is not overfitting: the degradation problem of He "
-                               "et al. 2016." if tr and tdelta > 0 else "")})
+                out.append(
+                    {
+                        "severity": "info",
+                        "text": f"The plain networks degrade with depth: {words}{tr}. "
+                        + (
+                            "Training error rises too, so it is not overfitting: the degradation problem of He "
+                            "et al. 2016."
+                            if tr and tdelta > 0
+                            else ""
+                        ),
+                    }
+                )
             else:
-                out.append({"severity": "info", "text": "The plain networks show no clear degradation with depth in "
-                            f"this sweep (a rise of more than {margin:.1f} points): {words}{tr}. He et al. 2016 saw it from 20 to 56 layers on CIFAR-10 after 64 000 "
-                            "iterations; it may need deeper networks or longer training here."})
+                out.append(
+                    {
+                        "severity": "info",
+                        "text": "The plain networks show no clear degradation with depth in "
+                        f"this sweep (a rise of more than {margin:.1f} points): {words}{tr}. He et al. 2016 saw it "
+                        "from 20 to 56 layers on CIFAR-10 after 64 000 "
+                        "iterations; it may need deeper networks or longer training here.",
+                    }
+                )
         else:
             if delta > margin:
-                why = ("Training error rises too: the deeper residual networks may be undertrained at this budget."
-                       if tr and tdelta > 0.5 else
-                       "Training error does not rise, so this is not the degradation problem: the deeper networks fit "
-                       "the training set as well and generalise a little worse.")
-                out.append({"severity": "warning", "text": f"The residual networks also get worse with depth here: "
-                            f"{words}{tr}. {why}"})
+                why = (
+                    "Training error rises too: the deeper residual networks may be undertrained at this budget."
+                    if tr and tdelta > 0.5
+                    else "Training error does not rise, so this is not the degradation problem: the deeper "
+                    "networks fit the training set as well and generalise a little worse."
+                )
+                out.append(
+                    {
+                        "severity": "warning",
+                        "text": f"The residual networks also get worse with depth here: {words}{tr}. {why}",
+                    }
+                )
             else:
-                out.append({"severity": "good", "text": "The residual networks do not degrade with depth (no rise of "
-                            f"more than {margin:.1f} points): {words}{tr}."})
+                out.append(
+                    {
+                        "severity": "good",
+                        "text": "The residual networks do not degrade with depth (no rise of "
+                        f"more than {margin:.1f} points): {words}{tr}.",
+                    }
+                )
     both = sorted(set(families.get("plain", {})) & set(families.get("residual", {})), key=int)
     gaps = []
     for d in both:
@@ -504,18 +642,28 @@ def degradation_findings(families: dict[str, dict[str, dict[str, Any]]], labels:
             gaps.append((int(d), (p["mean"] - r["mean"]) * 100))
     if gaps:
         text = ", ".join(f"{g:+.1f} at depth {d}" for d, g in gaps)
-        out.append({"severity": "good" if gaps[-1][1] > 1 else "info",
-                    "text": f"Shortcuts' advantage in test error (plain minus residual, points): {text}."})
+        out.append(
+            {
+                "severity": "good" if gaps[-1][1] > 1 else "info",
+                "text": f"Shortcuts' advantage in test error (plain minus residual, points): {text}.",
+            }
+        )
     if "plain" in change and "residual" in change:
         gap = change["plain"][0] - change["residual"][0]
-        out.append({"severity": "info", "text": f"From the shallowest to the deepest network, plain error changes "
-                    f"{change['plain'][0]:+.1f} points and residual error {change['residual'][0]:+.1f}: a "
-                    f"difference of {gap:.1f} points in how the two families respond to depth."})
+        out.append(
+            {
+                "severity": "info",
+                "text": f"From the shallowest to the deepest network, plain error changes "
+                f"{change['plain'][0]:+.1f} points and residual error {change['residual'][0]:+.1f}: a "
+                f"difference of {gap:.1f} points in how the two families respond to depth.",
+            }
+        )
     return out
 
 
 def read_sweep(sweep_dir: str | Path) -> dict[str, Any]:
-    """A sweep folder's sweep.json, checked (a clear error for a folder that is not a sweep)."""
+    """A sweep folder's sweep.json, checked against its schema (a clear error, naming the file and the field,
+    for a folder that is not a sweep or a file that is damaged)."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():
         raise ResinspectError(f"sweep {sweep_dir}: no {SWEEP_FILE} (not a sweep folder)")

@@ -11,6 +11,7 @@ from typing import Any
 
 from markupsafe import Markup
 
+from .rundir import relative_link
 from .section import Figure, pyplot
 
 __all__ = ["render_sweep_html"]
@@ -71,14 +72,24 @@ def _error_figure(agg: dict[str, Any]) -> dict[str, str] | None:
         for key, style, what in (("test_error", "-", "test"), ("train_error", ":", "training")):
             d, m, s = _series(fam, family, key)
             if d:
-                ax.errorbar(d, [100 * x for x in m], yerr=[100 * x for x in s], fmt=style, marker="o", capsize=3,
-                            color=_COLOURS[family], label=f"{family}, {what} error")
+                ax.errorbar(
+                    d,
+                    [100 * x for x in m],
+                    yerr=[100 * x for x in s],
+                    fmt=style,
+                    marker="o",
+                    capsize=3,
+                    color=_COLOURS[family],
+                    label=f"{family}, {what} error",
+                )
     ax.set(xlabel="depth (layers)", ylabel="error (%)", title="Error against depth (mean ± std over seeds)")
     ax.legend(fontsize=8)
     title = "Error against depth"
-    return {"title": title, "b64": _png(fig, title),
-            "caption": "Solid: test error; dotted: training error at the last epoch. Red: plain networks, blue: "
-                       "residual."}
+    return {
+        "title": title,
+        "b64": _png(fig, title),
+        "caption": "Solid: test error; dotted: training error at the last epoch. Red: plain networks, blue: residual.",
+    }
 
 
 def _curves_figure(agg: dict[str, Any]) -> dict[str, str] | None:
@@ -97,14 +108,22 @@ def _curves_figure(agg: dict[str, Any]) -> dict[str, str] | None:
             for key, style in (("test_error_curve", "-"), ("train_error_curve", ":")):
                 pts = sorted((int(k.rsplit("/", 1)[1]), s["mean"]) for k, s in v.items() if k.startswith(key + "/"))
                 if pts:
-                    ax.plot([e for e, _ in pts], [100 * x for _, x in pts], style, color=colour,
-                            label=f"depth {d}" if key == "test_error_curve" else None)
+                    ax.plot(
+                        [e for e, _ in pts],
+                        [100 * x for _, x in pts],
+                        style,
+                        color=colour,
+                        label=f"depth {d}" if key == "test_error_curve" else None,
+                    )
         ax.set(xlabel="epoch", title=f"{family} networks")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("error (%)")
     title = "Training curves per depth"
-    return {"title": title, "b64": _png(fig, title),
-            "caption": "Mean over seeds, per epoch; solid: test error, dotted: training error (He et al. Fig. 6)."}
+    return {
+        "title": title,
+        "b64": _png(fig, title),
+        "caption": "Mean over seeds, per epoch; solid: test error, dotted: training error (He et al. Fig. 6).",
+    }
 
 
 def _plugin_figures(agg: dict[str, Any]) -> list[dict[str, str]]:
@@ -125,8 +144,14 @@ def _plugin_figures(agg: dict[str, Any]) -> list[dict[str, str]]:
             ax.set_xlabel("depth")
             ax.legend(fontsize=7)
         title = f"{plugin}: key metrics against depth"
-        out.append({"plugin": plugin, "title": title, "b64": _png(fig, title),
-                    "caption": f"{plugin}'s key metrics (mean ± std over seeds): " + ", ".join(keys) + "."})
+        out.append(
+            {
+                "plugin": plugin,
+                "title": title,
+                "b64": _png(fig, title),
+                "caption": f"{plugin}'s key metrics (mean ± std over seeds): " + ", ".join(keys) + ".",
+            }
+        )
     return out
 
 
@@ -151,11 +176,20 @@ def render_sweep_html(doc: dict[str, Any], root: Path) -> str:
         for d in sorted(fam.get(family, {}), key=int):
             v = fam[family][d]
             te = v.get("test_error")
-            depth_rows.append({"family": family, "depth": d, "names": ", ".join(labels.get(family, {}).get(d, [])),
-                               "n": te["n"] if te else 0,
-                               "test": f"{100 * te['mean']:.2f}% ± {100 * te['std']:.2f}" if te else "",
-                               "train": (f"{100 * v['train_error']['mean']:.2f}% ± {100 * v['train_error']['std']:.2f}"
-                                         if "train_error" in v else "")})
+            depth_rows.append(
+                {
+                    "family": family,
+                    "depth": d,
+                    "names": ", ".join(labels.get(family, {}).get(d, [])),
+                    "n": te["n"] if te else 0,
+                    "test": f"{100 * te['mean']:.2f}% ± {100 * te['std']:.2f}" if te else "",
+                    "train": (
+                        f"{100 * v['train_error']['mean']:.2f}% ± {100 * v['train_error']['std']:.2f}"
+                        if "train_error" in v
+                        else ""
+                    ),
+                }
+            )
     cols = [(f, d) for f in ("plain", "residual") for d in sorted(fam.get(f, {}), key=int)]
     common = None
     for f, d in cols:
@@ -165,14 +199,17 @@ def render_sweep_html(doc: dict[str, Any], root: Path) -> str:
     for k in sorted(common or []):
         cells = [_fmt(fam[f][d].get(k)) for f, d in cols]
         # every depth of at least one family reports it (per-block metrics of one depth only are left out)
-        if any(all(cells[i] for i, (f2, _) in enumerate(cols) if f2 == f) for f in {f for f, _ in cols}
-               if all(k in fam[f][d] for f2, d in cols if f2 == f)):
+        if any(
+            all(cells[i] for i, (f2, _) in enumerate(cols) if f2 == f)
+            for f in {f for f, _ in cols}
+            if all(k in fam[f][d] for f2, d in cols if f2 == f)
+        ):
             metric_rows.append((k, cells))
     runs = []
     for r in doc.get("runs", []):
         acc, link = "", None
         if r["status"] in ("complete", "plugins_failed"):
-            link = f"{r['path']}/index.html"
+            link = relative_link(root, f"{r['path']}/index.html")  # only a file inside the sweep folder
             try:
                 from .results import Results
 
@@ -180,15 +217,34 @@ def render_sweep_html(doc: dict[str, Any], root: Path) -> str:
                 acc = f"{ep[-1]['test_accuracy']:.3f}" if ep else ""
             except Exception:  # the page still renders without one run's number
                 acc = "?"
-        runs.append({**r, "accuracy": acc, "link": link, "seconds": "" if r["seconds"] is None else f"{r['seconds']:.0f}"})
+        runs.append(
+            {**r, "accuracy": acc, "link": link, "seconds": "" if r["seconds"] is None else f"{r['seconds']:.0f}"}
+        )
     ident = doc.get("identity", {}).get("settings", {})
-    settings = ", ".join(f"{k} {','.join(map(str, ident[k])) if isinstance(ident[k], list) else ident[k]}"
-                         for k in ("data", "epochs", "twin", "plugins") if k in ident)
+    settings = ", ".join(
+        f"{k} {','.join(map(str, ident[k])) if isinstance(ident[k], list) else ident[k]}"
+        for k in ("data", "epochs", "twin", "plugins")
+        if k in ident
+    )
     css = resources.files("resinspect.report").joinpath("templates/report.css").read_text(encoding="utf-8")
     top = [f for f in (_error_figure(agg), _curves_figure(agg)) if f]
-    return _env().from_string(_TEMPLATE).render(
-        models=doc["grid"]["models"], seeds=doc["grid"]["seeds"], status=doc["status"], runs=runs,
-        n_done=sum(1 for r in doc.get("runs", []) if r["status"] in ("complete", "plugins_failed")),
-        settings=settings, findings=agg.get("findings", []), figures_top=top, depth_rows=depth_rows,
-        plugin_figures=_plugin_figures(agg), metric_cols=[f"{f} {d}" for f, d in cols], metric_rows=metric_rows,
-        css=Markup(css), schema_version=doc.get("schema_version"))
+    return (
+        _env()
+        .from_string(_TEMPLATE)
+        .render(
+            models=doc["grid"]["models"],
+            seeds=doc["grid"]["seeds"],
+            status=doc["status"],
+            runs=runs,
+            n_done=sum(1 for r in doc.get("runs", []) if r["status"] in ("complete", "plugins_failed")),
+            settings=settings,
+            findings=agg.get("findings", []),
+            figures_top=top,
+            depth_rows=depth_rows,
+            plugin_figures=_plugin_figures(agg),
+            metric_cols=[f"{f} {d}" for f, d in cols],
+            metric_rows=metric_rows,
+            css=Markup(css),
+            schema_version=doc.get("schema_version"),
+        )
+    )

@@ -9,8 +9,9 @@ Everything reaches the event files through :class:`TensorBoardRuns`: the trainin
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -74,20 +75,32 @@ class TensorBoardRuns:
         if v.numel() == 0:
             return
         lo, hi = v.min(), v.max()
-        counts = torch.histc(v, bins=bins, min=float(lo), max=float(hi)) if hi > lo else \
-            torch.tensor([float(v.numel())], device=v.device)
+        counts = (
+            torch.histc(v, bins=bins, min=float(lo), max=float(hi))
+            if hi > lo
+            else torch.tensor([float(v.numel())], device=v.device)
+        )
         summary = torch.stack([lo, hi, v.sum(), (v * v).sum()]).cpu().tolist()
         edges = torch.linspace(summary[0], summary[1], len(counts) + 1)[1:].tolist()
-        w.add_histogram_raw(tag, min=summary[0], max=summary[1], num=v.numel(), sum=summary[2],
-                            sum_squares=summary[3], bucket_limits=edges, bucket_counts=counts.cpu().tolist(),
-                            global_step=step)
+        w.add_histogram_raw(
+            tag,
+            min=summary[0],
+            max=summary[1],
+            num=v.numel(),
+            sum=summary[2],
+            sum_squares=summary[3],
+            bucket_limits=edges,
+            bucket_counts=counts.cpu().tolist(),
+            global_step=step,
+        )
 
     def sections(self, sections: list[Section]) -> None:
         """Each section's numeric metrics, figures and findings under ``<plugin>/`` in its network's run.
 
         A metric named ``model/x`` or ``twin/x`` goes to that network's run as ``<plugin>/x``, so the two
-        networks' values overlay; a section with ``role="twin"`` goes to the twin's run. A plugin's second
-        section of the same role goes under ``<plugin>/section<n>/`` so tags never clash.
+        networks' values overlay; other ``/`` in a name are kept (``<plugin>/block/layer1.0/cost``); names in
+        ``Section.tensorboard_skip`` are left out; a section with ``role="twin"`` goes to the twin's run. A
+        plugin's second section of the same role goes under ``<plugin>/section<n>/`` so tags never clash.
         """
         import numpy as np
         from PIL import Image
@@ -100,7 +113,7 @@ class TensorBoardRuns:
             prefix = plugin if n == 0 else f"{plugin}/section{n}"
             by_role: dict[str, dict[str, float]] = {}
             for k, v in s.metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in s.tensorboard_skip:
                     first, _, rest = k.partition("/")
                     target, name = (first, rest) if first in ROLES and rest else (role, k)
                     by_role.setdefault(target, {})[f"{prefix}/{name}"] = v

@@ -20,8 +20,16 @@ from .data import DataBundle, load_data, make_loaders
 from .models import build_model
 from .section import Section
 
-__all__ = ["TwoBlockNet", "tiny_data", "make_context", "run_plugin", "hook_count", "overridden_forwards",
-           "check_contract", "CONTRACT_MODELS"]
+__all__ = [
+    "TwoBlockNet",
+    "tiny_data",
+    "make_context",
+    "run_plugin",
+    "hook_count",
+    "overridden_forwards",
+    "check_contract",
+    "CONTRACT_MODELS",
+]
 
 
 class _Block(nn.Module):
@@ -49,8 +57,10 @@ class TwoBlockNet(nn.Module):
         with torch.no_grad():
             self.b1.f.weight.copy_(a * torch.eye(in_features))
             self.b2.f.weight.copy_(b * torch.eye(in_features))
-            self.head.weight.copy_(torch.arange(num_classes * in_features, dtype=torch.float32)
-                                   .reshape(num_classes, in_features) / (num_classes * in_features))
+            self.head.weight.copy_(
+                torch.arange(num_classes * in_features, dtype=torch.float32).reshape(num_classes, in_features)
+                / (num_classes * in_features)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.b2(self.b1(self.flatten(x))))
@@ -59,11 +69,18 @@ class TwoBlockNet(nn.Module):
 def tiny_data(train: int = 256, test: int = 128, size: int = 8) -> DataBundle:
     """The digits dataset at ``size``×``size``, cut to ``train``/``test`` images (fast to train on)."""
     full = load_data("digits", size=size)
-    tx, ty = full.train.tensors
-    vx, vy = full.test.tensors
-    return DataBundle(name="digits", train=torch.utils.data.TensorDataset(tx[:train], ty[:train]),
-                      test=torch.utils.data.TensorDataset(vx[:test], vy[:test]), in_channels=1, image_size=size,
-                      num_classes=10, class_names=full.class_names, info={"size": size, "subset": [train, test]})
+    tx, ty = full.train.tensors  # type: ignore[attr-defined]  # (digits is a TensorDataset)
+    vx, vy = full.test.tensors  # type: ignore[attr-defined]
+    return DataBundle(
+        name="digits",
+        train=torch.utils.data.TensorDataset(tx[:train], ty[:train]),
+        test=torch.utils.data.TensorDataset(vx[:test], vy[:test]),
+        in_channels=1,
+        image_size=size,
+        num_classes=10,
+        class_names=full.class_names,
+        info={"size": size, "subset": [train, test]},
+    )
 
 
 def _resolved_options(options: dict[str, dict[str, Any]] | list[str] | None) -> dict[str, dict[str, Any]]:
@@ -77,9 +94,16 @@ def _resolved_options(options: dict[str, dict[str, Any]] | list[str] | None) -> 
     return registry.resolve({}, list(options or []))
 
 
-def make_context(model: str | nn.Module = "resnet20", data: DataBundle | None = None, twin: str | None = None,
-                 run_dir: str | Path | None = None, options: dict[str, dict[str, Any]] | list[str] | None = None,
-                 seed: int = 0, batch_size: int = 64, plugin: str | None = None) -> RunContext:
+def make_context(
+    model: str | nn.Module = "resnet20",
+    data: DataBundle | None = None,
+    twin: str | None = None,
+    run_dir: str | Path | None = None,
+    options: dict[str, dict[str, Any]] | list[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    plugin: str | None = None,
+) -> RunContext:
     """A ready :class:`RunContext` on CPU (untrained model; TensorBoard off).
 
     ``options`` has the shape :func:`resinspect.run` takes (``{"ablation": {"samples": 10}}`` or
@@ -95,10 +119,20 @@ def make_context(model: str | nn.Module = "resnet20", data: DataBundle | None = 
         torch.manual_seed(seed)
         twin_net = build_model(twin, data.in_channels, data.num_classes, data.image_size)
     train, test = make_loaders(data, batch_size, seed)
-    ctx = RunContext(model=net.eval(), model_name=model if isinstance(model, str) else type(model).__name__,
-                     data=data, train_loader=train, test_loader=test, device=torch.device("cpu"),
-                     run_dir=Path(run_dir) if run_dir is not None else _temporary_dir(), twin=twin_net,
-                     twin_name=twin, seed=seed, plugin_options=_resolved_options(options), plugin=plugin)
+    ctx = RunContext(
+        model=net.eval(),
+        model_name=model if isinstance(model, str) else type(model).__name__,
+        data=data,
+        train_loader=train,
+        test_loader=test,
+        device=torch.device("cpu"),
+        run_dir=Path(run_dir) if run_dir is not None else _temporary_dir(),
+        twin=twin_net,
+        twin_name=twin,
+        seed=seed,
+        plugin_options=_resolved_options(options),
+        plugin=plugin,
+    )
     for _, m in ctx.networks():
         m.eval()
     ctx.record_initial_state()
@@ -114,9 +148,17 @@ def _temporary_dir() -> Path:
 _KEEP: list[tempfile.TemporaryDirectory] = []
 
 
-def run_plugin(plugin: str, model: str | nn.Module = "resnet20", data: DataBundle | None = None,
-               epochs: int = 1, twin: bool = False, options: dict[str, dict[str, Any]] | list[str] | None = None,
-               out: str | Path | None = None, seed: int = 0, batch_size: int = 64) -> Section:
+def run_plugin(
+    plugin: str,
+    model: str | nn.Module = "resnet20",
+    data: DataBundle | None = None,
+    epochs: int = 1,
+    twin: bool = False,
+    options: dict[str, dict[str, Any]] | list[str] | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> Section:
     """Run one plugin end to end through :func:`resinspect.run` and return its (first) section.
 
     ``options`` has the shape :func:`resinspect.run` takes. Without ``out`` the run directory is a temporary
@@ -126,9 +168,19 @@ def run_plugin(plugin: str, model: str | nn.Module = "resnet20", data: DataBundl
     from .runner import run
 
     with tempfile.TemporaryDirectory(prefix="resinspect-test-") as tmp:
-        result = run(model=model, data=data or tiny_data(), plugins=[plugin], epochs=epochs, twin=twin,
-                     options=options, out=out or tmp, device="cpu", seed=seed, batch_size=batch_size,
-                     overwrite=True)
+        result = run(
+            model=model,
+            data=data or tiny_data(),
+            plugins=[plugin],
+            epochs=epochs,
+            twin=twin,
+            options=options,
+            out=out or tmp,
+            device="cpu",
+            seed=seed,
+            batch_size=batch_size,
+            overwrite=True,
+        )
     name = next(iter(result.sections))
     sections = result.sections[name]
     if not sections:
@@ -141,8 +193,13 @@ def run_plugin(plugin: str, model: str | nn.Module = "resnet20", data: DataBundl
 
 def hook_count(model: nn.Module) -> int:
     """Forward/backward hooks attached anywhere in ``model`` (should be 0 after any analysis)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
 
 
 def overridden_forwards(model: nn.Module) -> list[str]:
@@ -153,8 +210,12 @@ def overridden_forwards(model: nn.Module) -> list[str]:
 CONTRACT_MODELS = ("resnet20", "plain20", "torchvision:resnet18")
 
 
-def check_contract(plugin: str, models: tuple[str, ...] = CONTRACT_MODELS,
-                   options: dict[str, dict[str, Any]] | None = None, data: DataBundle | None = None) -> None:
+def check_contract(
+    plugin: str,
+    models: tuple[str, ...] = CONTRACT_MODELS,
+    options: dict[str, dict[str, Any]] | None = None,
+    data: DataBundle | None = None,
+) -> None:
     """The contract every resinspect plugin must pass, for third-party packages to run in their own tests.
 
     For each model (untrained, 1 epoch on a tiny dataset, CPU): the run completes; every section has an
@@ -172,19 +233,29 @@ def check_contract(plugin: str, models: tuple[str, ...] = CONTRACT_MODELS,
             first = _contract_run(plugin, model, data, Path(tmp) / "a", options)
             second = _contract_run(plugin, model, data, Path(tmp) / "b", options)
             sections = first.sections[plugin]
-            _require(sections and all(s.explanation.strip() for s in sections),
-                     f"{plugin} on {model}: every section needs an explanation")
-            _require(_comparable(first, plugin) == _comparable(second, plugin),
-                     f"{plugin} on {model}: two runs with the same seed differ")
+            _require(
+                sections and all(s.explanation.strip() for s in sections),
+                f"{plugin} on {model}: every section needs an explanation",
+            )
+            _require(
+                _comparable(first, plugin) == _comparable(second, plugin),
+                f"{plugin} on {model}: two runs with the same seed differ",
+            )
             names = {b.name for b in residual_blocks(first.model)}
             for sec in sections:
                 for column, values in sec.per_block.items():
                     unknown = sorted(set(values) - names)
-                    _require(not unknown, f"{plugin} on {model}: per-block column '{column}' names blocks the model "
-                                          f"does not have: {unknown[:3]}")
+                    _require(
+                        not unknown,
+                        f"{plugin} on {model}: per-block column '{column}' names blocks the model "
+                        f"does not have: {unknown[:3]}",
+                    )
             left = hooks_left(first.model)
-            _require(not left and not first.model.training, f"{plugin} on {model}: left on the model: {left}"
-                     f"{' (and the model in train mode)' if first.model.training else ''}")
+            _require(
+                not left and not first.model.training,
+                f"{plugin} on {model}: left on the model: {left}"
+                f"{' (and the model in train mode)' if first.model.training else ''}",
+            )
             tags = _tensorboard_tags(Path(tmp) / "a" / "tb")
             stray = sorted(t for t in tags if t.split("/")[0] not in (plugin, "train", "dossier"))
             _require(not stray, f"{plugin} on {model}: TensorBoard tags outside '{plugin}/': {stray[:5]}")
@@ -201,16 +272,18 @@ def check_contract(plugin: str, models: tuple[str, ...] = CONTRACT_MODELS,
 
         from .hookspecs import hookimpl
 
-        setattr(module, "resinspect_analyze", hookimpl(boom))
+        module.resinspect_analyze = hookimpl(boom)
         try:
             failed = _contract_run(plugin, models[0], data, Path(tmp) / "f", options, host=host)
         finally:
             if original is None:
                 delattr(module, "resinspect_analyze")
             else:
-                setattr(module, "resinspect_analyze", original)
-        _require(failed.results.plugins[plugin].status == "failed" and failed.exit_code == 1,
-                 f"{plugin}: a raising analysis must mark the plugin failed and the exit status non-zero")
+                module.resinspect_analyze = original
+        _require(
+            failed.results.plugins[plugin].status == "failed" and failed.exit_code == 1,
+            f"{plugin}: a raising analysis must mark the plugin failed and the exit status non-zero",
+        )
         _require(not hooks_left(failed.model), f"{plugin}: hooks left after a forced failure")
 
 
@@ -219,15 +292,26 @@ def _require(ok: Any, message: str) -> None:
         raise AssertionError(message)
 
 
-def _contract_run(plugin: str, model: str, data: DataBundle, out: Path, options: Any, twin: bool = False,
-                  host: Any = None) -> Any:
+def _contract_run(
+    plugin: str, model: str, data: DataBundle, out: Path, options: Any, twin: bool = False, host: Any = None
+) -> Any:
     from .runner import run
 
-    result = run(model=model, data=data, plugins=[plugin], epochs=1, twin=twin, device="cpu", seed=3, out=out,
-                 options=options, batch_size=32, host=host)
+    result = run(
+        model=model,
+        data=data,
+        plugins=[plugin],
+        epochs=1,
+        twin=twin,
+        device="cpu",
+        seed=3,
+        out=out,
+        options=options,
+        batch_size=32,
+        host=host,
+    )
     if host is None:
-        _require(result.status == "complete",
-                 f"{plugin} on {model} failed: {result.results.plugins[plugin].traceback}")
+        _require(result.status == "complete", f"{plugin} on {model} failed: {result.results.plugins[plugin].traceback}")
     return result
 
 
@@ -235,8 +319,9 @@ def _comparable(result: Any, plugin: str) -> list[dict[str, Any]]:
     import json
 
     stored = json.loads((result.run_dir / "results.json").read_text())
-    return [{k: s[k] for k in ("title", "findings", "metrics", "tables")}
-            for s in stored["plugins"][plugin]["sections"]]
+    return [
+        {k: s[k] for k in ("title", "findings", "metrics", "tables")} for s in stored["plugins"][plugin]["sections"]
+    ]
 
 
 def _tensorboard_tags(root: Path) -> set[str]:
@@ -245,5 +330,9 @@ def _tensorboard_tags(root: Path) -> set[str]:
     mux = EventMultiplexer(size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     mux.AddRunsFromDirectory(str(root))
     mux.Reload()
-    return {t for run in mux.Runs().values() for kind in ("scalars", "images", "histograms", "tensors")
-            for t in run.get(kind, [])}
+    return {
+        t
+        for run in mux.Runs().values()
+        for kind in ("scalars", "images", "histograms", "tensors")
+        for t in run.get(kind, [])
+    }

@@ -25,8 +25,17 @@ from .distributed import SINGLE, Distributed
 from .errors import ResinspectError, TrainingDiverged
 from .probes import eval_mode
 
-__all__ = ["TrainConfig", "Trainee", "StepInfo", "EpochInfo", "History", "train_model", "evaluate",
-           "resolve_device", "eval_mode"]  # eval_mode lives in probes; kept importable here
+__all__ = [
+    "TrainConfig",
+    "Trainee",
+    "StepInfo",
+    "EpochInfo",
+    "History",
+    "train_model",
+    "evaluate",
+    "resolve_device",
+    "eval_mode",
+]  # eval_mode lives in probes; kept importable here
 
 
 @dataclass
@@ -121,8 +130,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _global_sums(dist: Distributed, loss_sum: torch.Tensor, correct: torch.Tensor, count: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _global_sums(
+    dist: Distributed, loss_sum: torch.Tensor, correct: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A loss sum, a count of correct predictions and an image count, added up over the ranks in one
     collective (counts are exact in float64)."""
     n = torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)
@@ -131,8 +141,9 @@ def _global_sums(dist: Distributed, loss_sum: torch.Tensor, correct: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed = SINGLE
-             ) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed = SINGLE
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy over ``loader``, accumulated as sums (under torchrun each rank takes
     its share of the batches and the sums are added up). Mode is restored."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -154,8 +165,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: D
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr or 0.1, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr or 0.1, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     return torch.optim.Adam(model.parameters(), lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay)
 
 
@@ -175,8 +187,9 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=epochs * steps, desc=f"train {role}", unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=epochs * steps, desc=f"train {role}", unit="step", file=sys.stderr, dynamic_ncols=True, leave=True
+            )
 
     def update(self, epoch: int, step: int, loss: float) -> None:
         if self.bar is not None:
@@ -192,10 +205,21 @@ class _Progress:
             self.bar.close()
 
 
-def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
-                device: torch.device, *, role: str = "model", hooks: HookCaller | None = None,
-                ctx: Any = None, writer: Any = None, progress: bool = False,
-                on_epoch_end: Any = None, dist: Distributed = SINGLE) -> History:
+def train_model(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    role: str = "model",
+    hooks: HookCaller | None = None,
+    ctx: Any = None,
+    writer: Any = None,
+    progress: bool = False,
+    on_epoch_end: Any = None,
+    dist: Distributed = SINGLE,
+) -> History:
     """Train ``model`` in place and return its :class:`History`.
 
     The data order comes from ``train_loader``'s generator, which is reseeded
@@ -211,8 +235,7 @@ def train_model(model: nn.Module, train_loader: DataLoader, test_loader: DataLoa
     evaluation the ranks' BatchNorm running statistics are averaged.
     """
     cfg.validate()
-    loop = _Loop(model, train_loader, test_loader, cfg, device, role, hooks, ctx, writer, progress, on_epoch_end,
-                 dist)
+    loop = _Loop(model, train_loader, test_loader, cfg, device, role, hooks, ctx, writer, progress, on_epoch_end, dist)
     try:
         loop.call("resinspect_train_start", trainee=loop.trainee)
         for epoch in range(cfg.epochs):
@@ -231,8 +254,12 @@ def sync_batchnorm(model: nn.Module) -> Any:
     """Replace every BatchNorm module of ``model`` in place by a SyncBatchNorm that shares its parameters and
     statistics tensors; returns the function that puts the original modules back (the analyses then see the
     model as it was built, with the trained values)."""
-    originals = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-                 if isinstance(child, nn.modules.batchnorm._BatchNorm)]
+    originals = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm)
+    ]
     for parent, name, child in originals:
         setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
 
@@ -253,9 +280,21 @@ def _copy_state(into: dict[str, torch.Tensor], model: nn.Module) -> None:
 class _Loop:
     """The state of one network's training: optimiser, schedule, history, last good weights."""
 
-    def __init__(self, model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, cfg: TrainConfig,
-                 device: torch.device, role: str, hooks: HookCaller | None, ctx: Any, writer: Any,
-                 progress: bool, on_epoch_end: Any, dist: Distributed = SINGLE):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DataLoader,
+        test_loader: DataLoader,
+        cfg: TrainConfig,
+        device: torch.device,
+        role: str,
+        hooks: HookCaller | None,
+        ctx: Any,
+        writer: Any,
+        progress: bool,
+        on_epoch_end: Any,
+        dist: Distributed = SINGLE,
+    ):
         generator = getattr(train_loader, "generator", None)
         if generator is not None:
             generator.manual_seed(cfg.seed)
@@ -269,12 +308,15 @@ class _Loop:
 
             if cfg.sync_bn:
                 if device.type != "cuda":
-                    raise ResinspectError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); on CPU "
-                                          "each process normalises with its own share of the batch")
+                    raise ResinspectError(
+                        "--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); on CPU "
+                        "each process normalises with its own share of the batch"
+                    )
                 self.restore_bn = sync_batchnorm(model)
             # each rank keeps its own BatchNorm running statistics; they are averaged at the end of each epoch
             self.forward = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
         self.cfg, self.device, self.role, self.hooks, self.ctx = cfg, device, role, hooks, ctx
         self.writer, self.on_epoch_end = writer, on_epoch_end
         self.optimizer = _optimizer(model, cfg)
@@ -296,8 +338,9 @@ class _Loop:
     def epoch(self, epoch: int) -> None:
         model, device = self.model, self.device
         sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -314,10 +357,15 @@ class _Loop:
             loss_sum, correct, seen = _global_sums(self.dist, loss_sum, correct, seen)
             self.dist.average_buffers(model)
         test = evaluate(model, self.test_loader, device, self.dist)
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
-                   "train_accuracy": correct.item() / max(1, seen), "test_loss": test["loss"],
-                   "test_accuracy": test["accuracy"], "lr": self.optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - self.start}
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / max(1, seen),
+            "train_accuracy": correct.item() / max(1, seen),
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - self.start,
+        }
         self.history.epochs.append(metrics)
         self.bar.epoch_done(metrics)
         if self.writer is not None:
@@ -335,16 +383,20 @@ class _Loop:
         loss.backward()
         # under torchrun: the mean over the whole (global) batch, the same on every rank, so that every rank
         # stops together if it is not finite
-        loss_value = (self.dist.all_reduce(loss.detach()) / self.dist.world_size).item() if self.dist.enabled \
-            else loss.item()
+        loss_value = (
+            (self.dist.all_reduce(loss.detach()) / self.dist.world_size).item() if self.dist.enabled else loss.item()
+        )
         if not math.isfinite(loss_value):
             self.model.load_state_dict(self.last_good)
             good = f"the weights of epoch {epoch}, the last good one" if epoch else "its initial weights"
             raise TrainingDiverged(
                 f"{self.role}: the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; training stopped. "
-                f"The model keeps {good}. Try a smaller --lr.", self.history)
-        self.call("resinspect_after_backward",
-                  step=StepInfo(self.role, self.model, epoch, self.global_step, loss.detach()))
+                f"The model keeps {good}. Try a smaller --lr.",
+                self.history,
+            )
+        self.call(
+            "resinspect_after_backward", step=StepInfo(self.role, self.model, epoch, self.global_step, loss.detach())
+        )
         self.optimizer.step()
         if self.scheduler is not None and self.per_step_schedule:
             self.scheduler.step()

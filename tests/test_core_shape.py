@@ -120,14 +120,16 @@ def test_run_keywords_come_from_the_table(tmp_path, data):
     assert result.results.config["train"]["momentum"] == 0.5 and result.results.config["train"]["optimizer"] == "sgd"
 
 
-def test_no_core_function_is_longer_than_80_lines():
+def test_no_core_function_has_more_than_45_statements():
+    """Short functions, counted in statements (lines on which a statement starts), so that the formatter's
+    one-argument-per-line layout of a long call does not count as length."""
     long = []
     for path in (ROOT / "resinspect").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = node.end_lineno - node.lineno + 1
-                if n > 80:
-                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({n} lines)")
+                n = len({s.lineno for s in ast.walk(node) if isinstance(s, ast.stmt)})
+                if n > 45:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({n} statements)")
     assert not long, long
 
 
@@ -288,7 +290,7 @@ def test_any_residual_model_gets_a_plain_twin(model, blocks, data, tmp_path):
 
 
 def test_a_model_without_blocks_is_refused_a_twin(data, tmp_path):
-    with pytest.raises(ValueError, match="has no residual blocks, so it has no plain twin"):
+    with pytest.raises(ValueError, match=r"has no residual blocks \(a plain network, .*\), so it has no plain twin"):
         resinspect.run(model="helpers:plain_net", data=data, twin=True, plugins=[],
                        epochs=0, out=tmp_path / "r", device="cpu")
 

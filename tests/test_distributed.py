@@ -114,15 +114,23 @@ def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_distributed_training_matches_one_process(tmp_path):
-    common = ["run", "--model", "resnet20", "--epochs", "1", "--plugins", "gradflow", "--data", "digits",
+    """Without BatchNorm, two processes averaging their half-batch gradients take exactly the steps of one
+    process on the whole batch: the losses agree to float rounding. (With BatchNorm each process normalises
+    its own half-batch, and after an epoch resnet20's accuracy differs by a few points either way: measured
+    -1.5, +1.3, -1.5 and -3.3 points for different seeds and machines, which is why no tolerance on it is
+    tested.)"""
+    common = ["run", "--model", "helpers:plain_net", "--epochs", "1", "--plugins", "gradflow", "--data", "digits",
               "--device", "cpu", "-q", "--batch-size", "16"]
-    one, _ = _cli(common + ["--out", str(tmp_path / "one")])
-    two, _ = _cli(common + ["--out", str(tmp_path / "two"), "--nproc", "2"])
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    one, _ = _cli(common + ["--out", str(tmp_path / "one")], env=env)
+    two, _ = _cli(common + ["--out", str(tmp_path / "two"), "--nproc", "2"], env=env)
     assert one.returncode == 0 and two.returncode == 0, two.stdout + two.stderr
     r1, r2 = Results.read(tmp_path / "one"), Results.read(tmp_path / "two")
+    l1, l2 = r1.training["model"]["step_losses"], r2.training["model"]["step_losses"]
+    assert l2 == pytest.approx(l1, rel=1e-4, abs=1e-5)
     acc1 = r1.training["model"]["epochs"][-1]["test_accuracy"]
     acc2 = r2.training["model"]["epochs"][-1]["test_accuracy"]
-    assert abs(acc1 - acc2) <= 0.02, (acc1, acc2)
+    assert abs(acc1 - acc2) <= 0.003, (acc1, acc2)  # at most one test image of 397 on either side of a boundary
     # the global batch is --batch-size: the same number of optimiser steps, recorded once (rank 0) by gradflow
     steps = len(r1.training["model"]["step_losses"])
     assert len(r2.training["model"]["step_losses"]) == steps
@@ -150,6 +158,27 @@ def test_a_failing_rank_ends_the_run_with_its_error(checkpoint, tmp_path):
     assert results["status"] == "failed" and "rank 1 exploded" in results["error"]
 
 
+@pytest.mark.slow
+def test_a_rank_that_fails_while_rank_0_finishes_still_fails_the_run(checkpoint, tmp_path):
+    """Rank 1 raises in a plugin that makes no collective call, so rank 0 runs on to the end: the failure must
+    still reach rank 0's results.json and report, naming the rank (issue 21)."""
+    plugin = tmp_path / "quietbomb.py"
+    plugin.write_text(
+        "from resinspect import Section, hookimpl\n\n"
+        "@hookimpl\ndef resinspect_analyze(ctx):\n"
+        "    if ctx.rank == 1:\n        raise RuntimeError('only rank 1 exploded')\n"
+        "    return Section('fine on rank 0')\n")
+    proc, _ = _cli(["run", "--checkpoint", str(checkpoint), "--epochs", "0", "--plugins",
+                    f"{plugin},summary", *DATA, "-q", "--out", str(tmp_path / "run"), "--nproc", "2"], timeout=180)
+    assert proc.returncode == 1 and "rank 1 failed" in proc.stderr and "only rank 1 exploded" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "rank 1" in results["error"] and "only rank 1 exploded" in results["error"]
+    page = tmp_path / "run" / "index.html"
+    assert not page.exists() or "Report complete." not in page.read_text()
+    assert "run complete" not in proc.stdout
+
+
 def test_batch_size_must_divide_among_processes(checkpoint, tmp_path):
     proc, _ = _cli(["run", "--checkpoint", str(checkpoint), "--epochs", "1", "--plugins", "summary", *DATA, "-q",
                     "--batch-size", "63", "--out", str(tmp_path / "run"), "--nproc", "2"], timeout=180)
@@ -169,6 +198,18 @@ def test_plain_torchrun_runs_the_same_command_line(checkpoint, tmp_path):
     bad = subprocess.run(cmd + ["--out", str(tmp_path / "bad"), "--sync-bn", "--epochs", "1"], capture_output=True,
                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode != 0 and "--sync-bn needs CUDA" in bad.stderr
+    # rank 1 fails in a plugin while rank 0 would finish: without our launcher, rank 0 still records the failure
+    plugin = tmp_path / "quietbomb.py"
+    plugin.write_text("from resinspect import Section, hookimpl\n\n@hookimpl\ndef resinspect_analyze(ctx):\n"
+                      "    if ctx.rank == 1:\n        raise RuntimeError('only rank 1 exploded')\n"
+                      "    return Section('fine on rank 0')\n")
+    cmd[cmd.index("summary")] = f"{plugin},summary"
+    quiet = subprocess.run(cmd + ["--out", str(tmp_path / "quiet")], capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert quiet.returncode != 0 and "only rank 1 exploded" in quiet.stderr
+    results = json.loads((tmp_path / "quiet" / "results.json").read_text())
+    assert results["status"] == "failed" and "another rank failed" in results["error"]
+    assert not (tmp_path / "quiet" / "index.html").exists()
 
 
 def test_sync_batchnorm_shares_the_tensors_and_gives_the_modules_back():

@@ -44,7 +44,7 @@ def test_columns_are_oriented_so_that_positive_means_agreement():
     assert d.metrics["top/ablation/cost"] == "b0" and d.metrics["top/similarity/cka"] == "b0"
     assert d.metrics["top/other/noise"] == "b4"
     table = d.tables[0]
-    assert table.columns == ["block", "stage", "cost (ablation)", "cka (similarity, sign -1)", "noise (other)"]
+    assert table.columns == ["block", "stage", "cost (ablation)", "cka (similarity; smaller matters more)", "noise (other)"]
     assert table.rows[0] == ["b0", 1, 5.0, 0.5, 1.0]
     texts = " ".join(f.text for f in d.findings)
     assert "Most in agreement: ablation/cost and similarity/cka (rho +1.00)" in texts

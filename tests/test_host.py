@@ -2,6 +2,7 @@ import importlib.metadata
 import json
 
 import pytest
+import torch
 
 import resinspect
 from inline_plugins import Counter, Crasher, Evil, TrainCrasher
@@ -68,7 +69,7 @@ def test_options_from_file_and_cli_with_cli_winning(tmp_path, data):
 
 @pytest.mark.parametrize("pairs,match", [
     (["counter.nope=1"], "unknown option of plugin counter 'nope'"),
-    (["counter.scale=abc"], "counter.scale: 'abc' is not a valid float"),
+    (["counter.scale=abc"], "counter.scale: 'abc' is not a valid finite float"),
     (["counter.label=bogus"], "counter.label: 'bogus' is not one of steps, calls"),
     (["countr.scale=1"], "unknown plugin 'countr'; did you mean 'counter'"),
     (["scale=1"], "expected PLUGIN.NAME=VALUE"),
@@ -181,8 +182,13 @@ def test_interrupted_run_never_leaves_a_complete_looking_report(tmp_path, data):
 
 
 def test_diverged_training_is_reported_as_failed(tmp_path, data):
-    result = resinspect.run(data=data, plugins=["counter"], epochs=2, lr=1e30, optimizer="sgd", out=tmp_path / "r",
-                            device="cpu", host=host_with(counter=Counter()))
+    from helpers import UserResNet
+
+    model = UserResNet()
+    with torch.no_grad():
+        model.head.weight.fill_(1e38)  # the logits overflow: the loss is not finite at the first step
+    result = resinspect.run(model=model, data=data, plugins=["counter"], epochs=2, optimizer="sgd",
+                            out=tmp_path / "r", device="cpu", host=host_with(counter=Counter()))
     assert result.status == "failed" and result.exit_code == 1
     assert "the loss became" in result.results.error
     html = (tmp_path / "r" / "index.html").read_text()
@@ -201,7 +207,7 @@ def test_html_escapes_every_plugin_string(tmp_path, data):
     ("[run\nmodel = 1", "run.toml: not valid TOML"),
     ("[run]\nmodle = 'resnet20'\n", r"run.toml: unknown key\(s\) in \[run\]: modle"),
     ("[train]\nlearning_rate = 0.1\n", r"run.toml: unknown key\(s\) in \[train\]: learning_rate"),
-    ("[counter]\nscale = 'big'\n", "counter.scale: 'big' is not a valid float"),
+    ("[counter]\nscale = 'big'\n", "counter.scale: 'big' is not a valid finite float"),
 ])
 def test_bad_config_files_name_the_file_and_the_problem(tmp_path, data, text, match):
     cfg = tmp_path / "run.toml"

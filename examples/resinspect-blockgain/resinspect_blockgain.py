@@ -4,12 +4,9 @@ from torch import nn
 
 from resinspect import Section, capture_batches, hookimpl, residual_blocks
 
-NAME = "blockgain"
-
-
 @hookimpl
 def resinspect_addoptions(options):
-    options.add("samples", int, 128, "test images to use", check=lambda v: "must be >= 1" if v < 1 else None)
+    options.add("samples", int, 128, "test images to use", bounds="[1, 100_000]")
 
 
 class TinyBlock(nn.Module):

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import DataError, UnknownNameError
 from .bundle import DataBundle, make_loaders
 from .bundled import SHAPE_CLASSES, load_digits, load_shapes, make_shapes
 from .files import load_cifar10, load_imagefolder, load_mnist
 
-__all__ = ["DataBundle", "make_loaders", "load_data", "DATASETS", "DatasetRegistry", "dataset_names", "make_shapes",
-           "SHAPE_CLASSES"]
+__all__ = [
+    "DataBundle",
+    "make_loaders",
+    "load_data",
+    "DATASETS",
+    "DatasetRegistry",
+    "dataset_names",
+    "make_shapes",
+    "SHAPE_CLASSES",
+]
 
 DATASETS: dict[str, tuple[Callable[..., DataBundle], str]] = {
     "digits": (load_digits, "scikit-learn's 1,797 real 8×8 handwritten digits, upscaled (bundled, no files)"),
@@ -67,8 +76,9 @@ def load_data(name: str, root: str = "data", download: bool = False, **kwargs: A
         allowed = set(inspect.signature(loader).parameters)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise DataError(f"dataset '{name}' has no argument {', '.join(unknown)}; "
-                        f"valid: {', '.join(sorted(allowed)) or '(none)'}")
+        raise DataError(
+            f"dataset '{name}' has no argument {', '.join(unknown)}; valid: {', '.join(sorted(allowed)) or '(none)'}"
+        )
     try:
         bundle = loader(**kwargs)
     except (ValueError, TypeError) as e:

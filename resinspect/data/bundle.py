@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["DataBundle", "make_loaders"]
+__all__ = ["DataBundle", "make_loaders", "dataset_size"]
+
+
+def dataset_size(ds: Dataset) -> int:
+    """The number of items of a map-style dataset (torch's ``Dataset`` type does not promise ``len``; every
+    dataset resinspect holds has one)."""
+    return len(ds)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -30,9 +36,15 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "train_size": len(self.train), "test_size": len(self.test),
-                "in_channels": self.in_channels, "image_size": self.image_size,
-                "num_classes": self.num_classes, **self.info}
+        return {
+            "name": self.name,
+            "train_size": dataset_size(self.train),
+            "test_size": dataset_size(self.test),
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            **self.info,
+        }
 
 
 class SplitBatches(torch.utils.data.Sampler):
@@ -48,7 +60,7 @@ class SplitBatches(torch.utils.data.Sampler):
     def __iter__(self):
         order = torch.randperm(self.n, generator=self.generator)
         for start in range(0, self.n, self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             if len(batch) < self.world_size:
                 return
             yield torch.tensor_split(batch, self.world_size)[self.rank].tolist()
@@ -58,8 +70,9 @@ class SplitBatches(torch.utils.data.Sampler):
         return full + (1 if rest >= self.world_size else 0)
 
 
-def make_loaders(data: DataBundle, batch_size: int, seed: int, num_workers: int = 0, dist: Any = None
-                 ) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    data: DataBundle, batch_size: int, seed: int, num_workers: int = 0, dist: Any = None
+) -> tuple[DataLoader, DataLoader]:
     """Loaders with a seeded shuffle: the same seed gives the same batch order.
 
     Under torchrun (``dist`` enabled) the training loader holds this rank's share of every batch
@@ -70,14 +83,24 @@ def make_loaders(data: DataBundle, batch_size: int, seed: int, num_workers: int 
         from ..errors import ResinspectError
 
         if batch_size % dist.world_size:
-            raise ResinspectError(f"--batch-size {batch_size} is not divisible by the {dist.world_size} processes: "
-                                  "the global batch is split evenly across them")
+            raise ResinspectError(
+                f"--batch-size {batch_size} is not divisible by the {dist.world_size} processes: "
+                "the global batch is split evenly across them"
+            )
         generator = torch.Generator().manual_seed(seed)
-        train = DataLoader(data.train, batch_sampler=SplitBatches(len(data.train), batch_size, dist.world_size,
-                                                                  dist.rank, generator),
-                           num_workers=num_workers, generator=generator)
+        train = DataLoader(
+            data.train,
+            batch_sampler=SplitBatches(dataset_size(data.train), batch_size, dist.world_size, dist.rank, generator),
+            num_workers=num_workers,
+            generator=generator,
+        )
     else:
-        train = DataLoader(data.train, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                           generator=torch.Generator().manual_seed(seed))
+        train = DataLoader(
+            data.train,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
     test = DataLoader(data.test, batch_size=max(batch_size, 256), shuffle=False, num_workers=num_workers)
     return train, test

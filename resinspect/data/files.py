@@ -14,34 +14,47 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, Subset
 
 from ..errors import DataError
-from .bundle import DataBundle
+from .bundle import DataBundle, dataset_size
 
 __all__ = ["load_mnist", "load_cifar10", "load_imagefolder", "CIFAR10Files"]
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-_MEANS = {"MNIST": ((0.1307,), (0.3081,)), "FashionMNIST": ((0.2860,), (0.3530,)),
-          "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+_MEANS = {
+    "MNIST": ((0.1307,), (0.3081,)),
+    "FashionMNIST": ((0.2860,), (0.3530,)),
+    "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
 
 
 def _limit(ds: Dataset, n: int | None) -> Dataset:
-    return Subset(ds, range(min(n, len(ds)))) if n else ds
+    return Subset(ds, range(min(n, dataset_size(ds)))) if n else ds
 
 
 def _download_failed(name: str, folder: Path, files: tuple[str, ...], e: Exception) -> DataError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return DataError(f"{name}: download failed ({type(e).__name__}: {first}); without network, put the files "
-                     f"{', '.join(files)} in {folder}")
+    return DataError(
+        f"{name}: download failed ({type(e).__name__}: {first}); without network, put the files "
+        f"{', '.join(files)} in {folder}"
+    )
 
 
-def load_mnist(root: str | Path = "data", download: bool = False, fashion: bool = False,
-               limit_train: int | None = None, limit_test: int | None = None) -> DataBundle:
+def load_mnist(
+    root: str | Path = "data",
+    download: bool = False,
+    fashion: bool = False,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> DataBundle:
     """MNIST or FashionMNIST from ``root/<MNIST|FashionMNIST>/raw`` (unpacked IDX files)."""
     from torchvision import datasets, transforms
 
@@ -51,8 +64,10 @@ def load_mnist(root: str | Path = "data", download: bool = False, fashion: bool 
     raw = root / name / "raw"
     missing = [f for f in _MNIST_FILES if not (raw / f).exists()]
     if missing and not download:
-        raise DataError(f"{name}: files not found in {raw}: missing {', '.join(missing)} "
-                        "(the unpacked IDX files). Put them there, or pass --download")
+        raise DataError(
+            f"{name}: files not found in {raw}: missing {', '.join(missing)} "
+            "(the unpacked IDX files). Put them there, or pass --download"
+        )
     mean, std = _MEANS[name]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     try:
@@ -65,15 +80,28 @@ def load_mnist(root: str | Path = "data", download: bool = False, fashion: bool 
             raise _download_failed(name, raw, _MNIST_FILES, e) from e
         raise DataError(f"{name}: cannot read the files in {raw}: {e}") from e
     classes = list(train.classes)
-    return DataBundle(name=name.lower(), train=_limit(train, limit_train), test=_limit(test, limit_test),
-                      in_channels=1, image_size=28, num_classes=len(classes), class_names=classes,
-                      info={"root": str(root)})
+    return DataBundle(
+        name=name.lower(),
+        train=_limit(train, limit_train),
+        test=_limit(test, limit_test),
+        in_channels=1,
+        image_size=28,
+        num_classes=len(classes),
+        class_names=classes,
+        info={"root": str(root)},
+    )
 
 
 class _ArraysOnly(pickle.Unpickler):
-    _allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    _allowed = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:
@@ -121,8 +149,9 @@ class CIFAR10Files(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-def load_cifar10(root: str | Path = "data", download: bool = False,
-                 limit_train: int | None = None, limit_test: int | None = None) -> DataBundle:
+def load_cifar10(
+    root: str | Path = "data", download: bool = False, limit_train: int | None = None, limit_test: int | None = None
+) -> DataBundle:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (the python version of the dataset)."""
     from torchvision import transforms
 
@@ -138,32 +167,49 @@ def load_cifar10(root: str | Path = "data", download: bool = False,
             raise _download_failed("CIFAR-10", folder, _CIFAR_FILES, e) from e
         missing = []
     if missing:
-        raise DataError(f"CIFAR-10: files not found in {folder}: missing {', '.join(missing)} "
-                        "(the python version, cifar-10-python.tar.gz unpacked). Put them there, or pass --download")
+        raise DataError(
+            f"CIFAR-10: files not found in {folder}: missing {', '.join(missing)} "
+            "(the python version, cifar-10-python.tar.gz unpacked). Put them there, or pass --download"
+        )
     mean, std = _MEANS["CIFAR10"]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     train, test = CIFAR10Files(root, True, tf), CIFAR10Files(root, False, tf)
-    return DataBundle(name="cifar10", train=_limit(train, limit_train), test=_limit(test, limit_test),
-                      in_channels=3, image_size=32, num_classes=10, class_names=train.classes or
-                      [str(i) for i in range(10)], info={"root": str(root)})
+    return DataBundle(
+        name="cifar10",
+        train=_limit(train, limit_train),
+        test=_limit(test, limit_test),
+        in_channels=3,
+        image_size=32,
+        num_classes=10,
+        class_names=train.classes or [str(i) for i in range(10)],
+        info={"root": str(root)},
+    )
 
 
-def load_imagefolder(root: str | Path = "data", image_size: int = 32, grayscale: bool = False,
-                     limit_train: int | None = None, limit_test: int | None = None, download: bool = False
-                     ) -> DataBundle:
+def load_imagefolder(
+    root: str | Path = "data",
+    image_size: int = 32,
+    grayscale: bool = False,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    download: bool = False,
+) -> DataBundle:
     """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root/val``)."""
     from torchvision import datasets, transforms
 
     root = Path(root)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise DataError(f"imagefolder: expected {root}/train/<class>/... and {root}/test/<class>/... "
-                        "(or val/); not found")
+        raise DataError(
+            f"imagefolder: expected {root}/train/<class>/... and {root}/test/<class>/... (or val/); not found"
+        )
     steps = [transforms.Resize((image_size, image_size))]
     if grayscale:
         steps.append(transforms.Grayscale(1))
-    steps += [transforms.ToTensor(), transforms.Normalize((0.5,) * (1 if grayscale else 3),
-                                                          (0.5,) * (1 if grayscale else 3))]
+    steps += [
+        transforms.ToTensor(),
+        transforms.Normalize((0.5,) * (1 if grayscale else 3), (0.5,) * (1 if grayscale else 3)),
+    ]
     tf = transforms.Compose(steps)
     try:
         train = datasets.ImageFolder(str(root / "train"), transform=tf)
@@ -172,9 +218,13 @@ def load_imagefolder(root: str | Path = "data", image_size: int = 32, grayscale:
         raise DataError(f"imagefolder: {e}") from e
     if train.classes != test.classes:
         raise DataError(f"imagefolder: train classes {train.classes} differ from test classes {test.classes}")
-    return DataBundle(name="imagefolder", train=_limit(train, limit_train), test=_limit(test, limit_test),
-                      in_channels=1 if grayscale else 3, image_size=image_size,
-                      num_classes=len(train.classes), class_names=list(train.classes),
-                      info={"root": str(root)})
-
-
+    return DataBundle(
+        name="imagefolder",
+        train=_limit(train, limit_train),
+        test=_limit(test, limit_test),
+        in_channels=1 if grayscale else 3,
+        image_size=image_size,
+        num_classes=len(train.classes),
+        class_names=list(train.classes),
+        info={"root": str(root)},
+    )

@@ -26,8 +26,14 @@ CHECKPOINT_VERSION = 1
 _REQUIRED = ("format", "version", "arch", "arch_kwargs", "state_dict")
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, arch_kwargs: dict[str, Any],
-                    dataset: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    dataset: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint atomically (a temporary file renamed into place)."""
     path = Path(path)
     payload = {
@@ -63,16 +69,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
         if not lines:
-            raise CheckpointError(f"checkpoint {path}: unreadable, the file is truncated or is not a PyTorch file "
-                                  "(not a valid pickle)") from e
+            raise CheckpointError(
+                f"checkpoint {path}: unreadable, the file is truncated or is not a PyTorch file (not a valid pickle)"
+            ) from e
         detail = f": {lines[0]}"
         raise CheckpointError(
             f"checkpoint {path}: refused to load: it holds objects other than tensors and plain data "
-            f"(loaded with weights_only=True){detail}") from e
+            f"(loaded with weights_only=True){detail}"
+        ) from e
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CheckpointError(
             f"checkpoint {path}: unreadable, the file is truncated or is not a PyTorch file "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         looks = ""
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -81,15 +90,55 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}")
+    problem = _field_problem(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
     if payload["version"] > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"checkpoint {path}: format version {payload['version']} is newer than this resinspect "
-            f"understands ({CHECKPOINT_VERSION}); upgrade resinspect")
+            f"understands ({CHECKPOINT_VERSION}); upgrade resinspect"
+        )
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
-                    allow_factory: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+# the checkpoint's schema: each field, what it must hold, and the check
+_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("format", "a string", lambda v: isinstance(v, str)),
+    ("version", "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    ("arch", "a model name (a string)", lambda v: isinstance(v, str) and bool(v)),
+    (
+        "arch_kwargs",
+        "a table of the model's arguments (str -> value)",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    ),
+    ("dataset", "a table describing the dataset", lambda v: isinstance(v, dict)),
+    (
+        "metrics",
+        "a table of numbers",
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
+        ),
+    ),
+    (
+        "state_dict",
+        "a table of tensors (parameter name -> tensor)",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+    ),
+)
+
+
+def _field_problem(payload: dict[str, Any]) -> str | None:
+    """The first field of a checkpoint that does not hold what it must, in words (None: all good)."""
+    for name, expected, ok in _FIELDS:
+        if name in payload and not ok(payload[name]):
+            got = type(payload[name]).__name__
+            return f"field '{name}' should be {expected}, but holds a {got}"
+    return None
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None = None, allow_factory: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint into ``model`` (or into a model rebuilt from its ``arch``).
 
     A checkpoint whose architecture is a user factory (``pkg.mod:fn``) is only
@@ -104,7 +153,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         if _is_factory_path(arch) and arch != allow_factory:
             raise CheckpointError(
                 f"checkpoint {path}: architecture '{arch}' is a user factory; name it explicitly "
-                f"(--model {arch}) to allow importing that code")
+                f"(--model {arch}) to allow importing that code"
+            )
         try:
             model = build_model(arch, **kwargs)
         except Exception as e:
@@ -119,8 +169,11 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
         if items:

@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
 from ..errors import UnknownNameError
 from .resnet import ResNet
 
-__all__ = ["ModelSpec", "MODELS", "ModelRegistry", "build_model", "twin_name", "model_names", "plain_twin_of",
-           "remove_skips"]
+__all__ = [
+    "ModelSpec",
+    "MODELS",
+    "ModelRegistry",
+    "build_model",
+    "twin_name",
+    "model_names",
+    "plain_twin_of",
+    "remove_skips",
+]
 
 
 @dataclass(frozen=True)
@@ -67,18 +75,27 @@ def _torchvision(arch: str) -> Callable[..., nn.Module]:
 MODELS: dict[str, ModelSpec] = {}
 for _n, _depth in ((1, 8), (2, 14), (3, 20), (5, 32), (7, 44), (9, 56), (18, 110)):
     MODELS[f"resnet{_depth}"] = ModelSpec(
-        f"resnet{_depth}", f"CIFAR ResNet-{_depth} (He et al. 2016 §4.2), {3 * _n} residual blocks",
-        _cifar(_n, True), twin=f"plain{_depth}")
+        f"resnet{_depth}",
+        f"CIFAR ResNet-{_depth} (He et al. 2016 §4.2), {3 * _n} residual blocks",
+        _cifar(_n, True),
+        twin=f"plain{_depth}",
+    )
     MODELS[f"plain{_depth}"] = ModelSpec(
-        f"plain{_depth}", f"plain twin of resnet{_depth}: same layers, no shortcuts", _cifar(_n, False))
+        f"plain{_depth}", f"plain twin of resnet{_depth}: same layers, no shortcuts", _cifar(_n, False)
+    )
 MODELS["seed34"] = ModelSpec(
-    "seed34", "the origin document's [3,4,6,3] basic-block ResNet for 1×28×28 input (widths 16-128)",
-    _seed(True), twin="plainseed34")
+    "seed34",
+    "the origin document's [3,4,6,3] basic-block ResNet for 1×28×28 input (widths 16-128)",
+    _seed(True),
+    twin="plainseed34",
+)
 MODELS["plainseed34"] = ModelSpec("plainseed34", "plain twin of seed34", _seed(False))
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     MODELS[f"torchvision:{_arch}"] = ModelSpec(
-        f"torchvision:{_arch}", f"torchvision's {_arch}, adapted to the dataset's channels and classes",
-        _torchvision(_arch))
+        f"torchvision:{_arch}",
+        f"torchvision's {_arch}, adapted to the dataset's channels and classes",
+        _torchvision(_arch),
+    )
 
 
 class ModelRegistry:
@@ -93,8 +110,7 @@ class ModelRegistry:
         them) as model ``name``; ``twin`` names its registered plain twin, if it has one."""
         existing = self.models.get(name)
         if existing is not None and existing.source != f"plugin {self.plugin}":
-            raise ValueError(f"plugin {self.plugin}: model name '{name}' is already registered by "
-                             f"{existing.source}")
+            raise ValueError(f"plugin {self.plugin}: model name '{name}' is already registered by {existing.source}")
         if not callable(factory):
             raise TypeError(f"plugin {self.plugin}: the factory of model '{name}' is not callable")
         self.models[name] = ModelSpec(name, description, factory, twin, f"plugin {self.plugin}")
@@ -106,8 +122,11 @@ def model_names() -> list[str]:
 
 def _is_factory_path(name: str) -> bool:
     module, _, func = name.partition(":")
-    return bool(module and func) and module != "torchvision" and all(
-        part.isidentifier() for part in module.split(".") + [func])
+    return (
+        bool(module and func)
+        and module != "torchvision"
+        and all(part.isidentifier() for part in module.split(".") + [func])
+    )
 
 
 def _user_factory(name: str) -> Callable[..., nn.Module]:
@@ -163,7 +182,11 @@ def remove_skips(model: nn.Module) -> nn.Module:
 
     blocks = residual_blocks(model)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no residual blocks, so it has no plain twin")
+        from ..anatomy import no_blocks_reason
+
+        raise ValueError(
+            f"{type(model).__name__} has no residual blocks ({no_blocks_reason(blocks)}), so it has no plain twin"
+        )
     for b in blocks:
         parent_name, _, child = b.name.rpartition(".")
         if not child:

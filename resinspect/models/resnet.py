@@ -15,7 +15,7 @@ of the original sketch cannot happen.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -69,9 +69,7 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if len(blocks_per_stage) != len(widths):
-            raise ValueError(
-                f"blocks_per_stage {tuple(blocks_per_stage)} and widths {tuple(widths)} differ in length"
-            )
+            raise ValueError(f"blocks_per_stage {tuple(blocks_per_stage)} and widths {tuple(widths)} differ in length")
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
         self.residual = residual

@@ -15,8 +15,13 @@ from .explainer import ANCHORS, EXPLAINER_HTML
 
 __all__ = ["render_html", "ANCHORS"]
 
-_STATUS_TEXT = {"complete": "complete", "plugins_failed": "complete, with failed plugins", "failed": "failed",
-                "running": "incomplete", "interrupted": "interrupted"}
+_STATUS_TEXT = {
+    "complete": "complete",
+    "plugins_failed": "complete, with failed plugins",
+    "failed": "failed",
+    "running": "incomplete",
+    "interrupted": "interrupted",
+}
 
 
 def _cell(v: Any) -> str:
@@ -46,36 +51,74 @@ def render_html(results: Results, config_toml: str) -> str:
     views, summary = [], []
     for i, s in enumerate(sections):
         anchor = f"section-{i}-{''.join(c if c.isalnum() else '-' for c in s.plugin)}"
-        views.append({
-            "anchor": anchor, "title": s.title, "plugin": s.plugin, "status": s.status, "error": s.error,
-            "traceback": s.traceback, "explanation": s.explanation,
-            "paragraphs": [p.strip() for p in s.explanation.split("\n\n") if p.strip()],
-            "docs": s.docs if s.docs in ANCHORS else None, "findings": s.findings, "metrics": s.metrics,
-            "tables": s.tables,
-            "figures": [{"title": f.title, "caption": f.caption, "alt": f.alt,
-                         "b64": base64.b64encode(f.png).decode("ascii")} for f in s.figures]})
-        summary += [{"text": f.text, "severity": f.severity, "plugin": s.plugin, "anchor": anchor}
-                    for f in s.findings]
+        views.append(
+            {
+                "anchor": anchor,
+                "title": s.title,
+                "plugin": s.plugin,
+                "status": s.status,
+                "error": s.error,
+                "traceback": s.traceback,
+                "explanation": s.explanation,
+                "paragraphs": [p.strip() for p in s.explanation.split("\n\n") if p.strip()],
+                "docs": s.docs if s.docs in ANCHORS else None,
+                "findings": s.findings,
+                "metrics": s.metrics,
+                "tables": s.tables,
+                "figures": [
+                    {
+                        "title": f.title,
+                        "caption": f.caption,
+                        "alt": f.alt,
+                        "b64": base64.b64encode(f.png).decode("ascii"),
+                    }
+                    for f in s.figures
+                ],
+            }
+        )
+        summary += [{"text": f.text, "severity": f.severity, "plugin": s.plugin, "anchor": anchor} for f in s.findings]
         if s.status == "failed":
-            summary.append({"text": f"The plugin failed: {s.error}", "severity": "critical", "plugin": s.plugin,
-                            "anchor": anchor})
+            summary.append(
+                {"text": f"The plugin failed: {s.error}", "severity": "critical", "plugin": s.plugin, "anchor": anchor}
+            )
     order = {"critical": 0, "warning": 1, "good": 2, "info": 3}
     summary.sort(key=lambda f: order[f["severity"]])
     model, env_info, run, status = results.model, results.environment, results.run, results.status
-    run_info = [("run directory", run.dir), ("started", run.started), ("finished", run.finished or ""),
-                ("duration", f"{run.seconds or 0:.1f} s"),
-                ("device", env_info.get("device", "")), ("python", env_info.get("python", "")),
-                ("packages", ", ".join(f"{k} {v}" for k, v in env_info.get("packages", {}).items())),
-                ("dataset", ", ".join(f"{k}={v}" for k, v in results.data.items()))]
-    footer = ("Report complete." if status in ("complete", "plugins_failed")
-              else "This run did not complete; results are partial.")
+    run_info = [
+        ("run directory", run.dir),
+        ("started", run.started),
+        ("finished", run.finished or ""),
+        ("duration", f"{run.seconds or 0:.1f} s"),
+        ("device", env_info.get("device", "")),
+        ("torch threads", str(env_info.get("torch_threads", ""))),
+        ("python", env_info.get("python", "")),
+        ("packages", ", ".join(f"{k} {v}" for k, v in env_info.get("packages", {}).items())),
+        ("dataset", ", ".join(f"{k}={v}" for k, v in results.data.items())),
+    ]
+    footer = (
+        "Report complete."
+        if status in ("complete", "plugins_failed")
+        else "This run did not complete; results are partial."
+    )
     return env.get_template("report.html").render(
-        version=results.resinspect_version, schema_version=results.schema_version,
-        status=status, status_text=_STATUS_TEXT.get(status, status), error=results.error,
-        model_name=model.get("name", "?"), twin_name=(model.get("twin") or {}).get("name"),
-        data_name=results.data.get("name", "?"), run_name=run.name,
-        started=run.started, parameters=f"{model.get('parameters', 0):,}",
-        n_blocks=len(model.get("residual_blocks", [])), sections=views, summary=summary,
-        explainer=Markup(EXPLAINER_HTML), css=Markup(css),
+        version=results.resinspect_version,
+        schema_version=results.schema_version,
+        status=status,
+        status_text=_STATUS_TEXT.get(status, status),
+        error=results.error,
+        model_name=model.get("name", "?"),
+        twin_name=(model.get("twin") or {}).get("name"),
+        data_name=results.data.get("name", "?"),
+        run_name=run.name,
+        started=run.started,
+        parameters=f"{model.get('parameters', 0):,}",
+        n_blocks=len(model.get("residual_blocks", [])),
+        sections=views,
+        summary=summary,
+        explainer=Markup(EXPLAINER_HTML),
+        css=Markup(css),
         failures=[{"plugin": n, "error": p.error} for n, p in results.plugins.items() if p.status == "failed"],
-        run_info=run_info, config_toml=config_toml, footer=footer)
+        run_info=run_info,
+        config_toml=config_toml,
+        footer=footer,
+    )

@@ -4,9 +4,17 @@ Each paragraph has an anchor that plugin sections link to (``Section.docs``).
 The long version is docs/residual-learning.md.
 """
 
-ANCHORS = ("explainer-residual", "explainer-gradient", "explainer-paths", "explainer-degradation",
-           "explainer-responses", "explainer-similarity", "explainer-spectra", "explainer-landscape",
-           "explainer-sanity")
+ANCHORS = (
+    "explainer-residual",
+    "explainer-gradient",
+    "explainer-paths",
+    "explainer-degradation",
+    "explainer-responses",
+    "explainer-similarity",
+    "explainer-spectra",
+    "explainer-landscape",
+    "explainer-sanity",
+)
 
 EXPLAINER_HTML = """
 <p id="explainer-residual"><strong>The residual block.</strong> A block computes
