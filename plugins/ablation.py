@@ -455,6 +455,16 @@ def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) ->
         how = " (BatchNorm re-estimated)" if key.endswith("bn_points") else ""
         res_med, plain_med = m[key], plain["metrics"][pkey]
         chance = 1.0 / max(2, ctx.data.num_classes)
+        if ctx.trained is False:
+            section.finding(
+                f"Residual vs plain: neither {ctx.model_name} ({clean.accuracy:.1%}) nor its plain twin "
+                f"{ctx.label('twin')} ({plain['clean'].accuracy:.1%}, chance {chance:.0%}) was trained (no epochs, no "
+                "checkpoint): their accuracies say nothing about degradation, and lesion costs measured at "
+                f"initialisation (median {res_med:.1f} vs {plain_med:.1f} points) say little about what trained "
+                "blocks do.",
+                "warning",
+            )
+            return
         if plain["clean"].accuracy < 2 * chance:
             section.finding(
                 f"Residual vs plain: the plain twin {ctx.label('twin')} barely learned ({plain['clean'].accuracy:.1%} "

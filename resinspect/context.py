@@ -75,7 +75,9 @@ class RunContext:
 
     ``model`` (and ``twin``, the plain twin, when ``--twin`` was given) live on ``device``.
     ``initial_state`` holds CPU copies of each network's weights at initialisation, keyed by role
-    (``"model"``, ``"twin"``). ``plugin`` is the name of the plugin whose hook is running (set by the host),
+    (``"model"``, ``"twin"``). ``trained``: False when the networks are analysed at their random
+    initialisation (``--epochs 0`` and no checkpoint), True when they were trained or loaded, None when
+    unknown (a module given in memory). ``plugin`` is the name of the plugin whose hook is running (set by the host),
     so :meth:`options` and :meth:`log_scalar` need no name.
     """
 
@@ -99,6 +101,7 @@ class RunContext:
     show_progress: bool = False
     sections: dict[str, list[Any]] = field(default_factory=dict)
     dist: Distributed = SINGLE
+    trained: bool | None = None
     _block_cache: dict[str, list[ResidualBlock]] = field(default_factory=dict, repr=False)
 
     # -- options and names ---------------------------------------------------------------------

@@ -282,10 +282,15 @@ class PluginHost:
                 sys.stderr.write(f"[resinspect] plugin {name} failed in {hook}: {error}\n")
 
     def analyze(
-        self, ctx: Any, progress: bool = False, say: Callable[[str], None] | None = None
+        self,
+        ctx: Any,
+        progress: bool = False,
+        say: Callable[[str], None] | None = None,
+        done: Callable[[str, list[Section]], None] | None = None,
     ) -> dict[str, list[Section]]:
         """Run ``resinspect_analyze`` on every active plugin (saying which one runs when ``progress``, and
-        when each starts and ends, with its seconds, through ``say``); failed plugins get an error section."""
+        when each starts and ends, with its seconds, through ``say``); failed plugins get an error section.
+        ``done(name, sections)`` is called as each plugin finishes (so that the run can record it at once)."""
         sections: dict[str, list[Section]] = {name: [] for name in self.active}
         returned = []
         for name, _, _ in self._hook_impls("resinspect_analyze"):
@@ -302,11 +307,15 @@ class PluginHost:
                 outcome = f"failed ({self.failures[name].error})" if name in self.failures else "ok"
                 say(f"analyze {name}: {outcome} in {time.perf_counter() - start:.1f} s")
             returned += got
+            finished: list[Section] = []
             for _, result in got:  # visible to the plugins that run later (ctx.section)
+                finished = [r for r in (result if isinstance(result, list) else [result]) if isinstance(r, Section)]
+                for r in finished:
+                    r.plugin = name
                 if hasattr(ctx, "sections"):
-                    ctx.sections[name] = [
-                        r for r in (result if isinstance(result, list) else [result]) if isinstance(r, Section)
-                    ]
+                    ctx.sections[name] = finished
+            if done is not None:
+                done(name, finished)
         for name, result in returned:
             items = [] if result is None else result if isinstance(result, list) else [result]
             bad = [type(s).__name__ for s in items if not isinstance(s, Section)]

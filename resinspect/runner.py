@@ -83,6 +83,7 @@ class _Networks:
     test_loader: DataLoader
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     train_sharded: DataLoader | None = None  # under torchrun: this rank's share of the training set
+    in_memory: bool = False  # the model was given as a module (its training, if any, is unknown)
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -192,7 +193,9 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
     else:
         train_loader, test_loader = make_loaders(bundle, s.train_config().batch_size, s.seed)
     sharded = make_loaders(bundle, s.train_config().batch_size, s.seed, dist=dist)[0] if dist.enabled else None
-    return _Networks(bundle, net, label, twin_net, twin_label, train_loader, test_loader, arch, sharded)
+    return _Networks(
+        bundle, net, label, twin_net, twin_label, train_loader, test_loader, arch, sharded, isinstance(model, nn.Module)
+    )
 
 
 def _load_checkpointed(s: RunSettings, bundle: DataBundle, arch: dict[str, Any]) -> tuple[nn.Module, str]:
@@ -349,8 +352,14 @@ def _stages(
     with say.phase("train"):
         history, error = _train(s, nets, ctx, host, progress, say)
     phase[0] = "analyze"
+    if ctx.is_main and history:  # the training curves are kept even if the analysis is stopped
+        results.training = {role: h.to_dict() for role, h in history.items()}
+        results.run.phase = "analyze"
+        results.write(ctx.run_dir, figures=False)
     with say.phase("analyze"):
-        sections = host.analyze(ctx, progress=progress, say=say if say.on else None)
+        sections = host.analyze(
+            ctx, progress=progress, say=say if say.on else None, done=_keep_as_it_goes(ctx, host, results)
+        )
     phase[0] = "write"
     _all_ranks_finished(ctx)
     with say.phase("write"):
@@ -517,6 +526,7 @@ def _context(
         plugin_options=active,
         show_progress=progress,
         dist=dist,
+        trained=True if s.epochs > 0 or s.checkpoint else (None if nets.in_memory else False),
     )
     ctx.record_initial_state()
     return ctx
@@ -546,6 +556,7 @@ def _initial_results(s: RunSettings, nets: _Networks, ctx: RunContext, plugin_op
             "parameters": sum(p.numel() for p in nets.net.parameters()),
             "residual_blocks": block_table(ctx.blocks("model")),
             "checkpoint": s.checkpoint,
+            "trained": ctx.trained,
             "twin": twin,
         },
         data=nets.bundle.describe(),
@@ -642,18 +653,7 @@ def _write(
     ctx.tensorboard.sections(results.core_sections + plugin_sections)
     ctx.tensorboard.close()
     results.training = {role: h.to_dict() for role, h in history.items()}
-    for name in s.plugins:
-        info, failure = host.available[name], host.failures.get(name)
-        results.plugins[name] = PluginResult(
-            status="failed" if failure else "ok",
-            version=info.version,
-            description=info.description,
-            seconds=host.timings.get(name, 0.0),
-            error=failure.error if failure else None,
-            failed_hook=failure.hook if failure else None,
-            traceback=failure.traceback if failure else None,
-            sections=sections.get(name, []),
-        )
+    results.plugins = {name: _plugin_result(host, name, sections.get(name, [])) for name in s.plugins}
     results.error = error
     results.run.phase = None if not error else "train"
     results.run.finished = dt.datetime.now().isoformat(timespec="seconds")
@@ -663,6 +663,33 @@ def _write(
 
     write_atomic(run_dir / "index.html", render_html(results, config_toml))
     return RunResult(run_dir, results, sections, nets.net, nets.twin)
+
+
+def _plugin_result(host: PluginHost, name: str, sections: list[Section]) -> PluginResult:
+    info, failure = host.available[name], host.failures.get(name)
+    return PluginResult(
+        status="failed" if failure else "ok",
+        version=info.version,
+        description=info.description,
+        seconds=host.timings.get(name, 0.0),
+        error=failure.error if failure else None,
+        failed_hook=failure.hook if failure else None,
+        traceback=failure.traceback if failure else None,
+        sections=sections,
+    )
+
+
+def _keep_as_it_goes(ctx: RunContext, host: PluginHost, results: Results) -> Any:
+    """What records each plugin in results.json as soon as it finishes (rank 0; still ``running``, without
+    its figures, which are written at the end): a run stopped later keeps every finished section."""
+
+    def done(name: str, sections: list[Section]) -> None:
+        if ctx.is_main:
+            results.plugins[name] = _plugin_result(host, name, sections)
+            results.run.phase = "analyze"
+            results.write(ctx.run_dir, figures=False)
+
+    return done
 
 
 def _training_section(ctx: RunContext, history: dict[str, History]) -> Section:

@@ -181,6 +181,28 @@ def test_interrupted_run_never_leaves_a_complete_looking_report(tmp_path, data):
     assert not list((tmp_path / "r").glob(".*.tmp"))
 
 
+def test_a_run_stopped_during_the_analysis_keeps_every_finished_plugin(tmp_path, data):
+    class Interrupt:
+        @resinspect.hookimpl
+        def resinspect_analyze(self, ctx):
+            raise KeyboardInterrupt
+
+    plugins = ["counter", "interrupt", "crasher"]
+    with pytest.raises(KeyboardInterrupt):
+        resinspect.run(data=data, plugins=plugins, epochs=1, out=tmp_path / "r", device="cpu",
+                       host=host_with(counter=Counter(), interrupt=Interrupt(), crasher=Crasher()))
+    stored = resinspect.Results.read(tmp_path / "r")  # a valid results.json, as it was written
+    assert stored.status == "interrupted" and stored.run.phase == "analyze"
+    assert list(stored.plugins) == ["counter"] and stored.plugins["counter"].status == "ok"
+    steps = len(stored.training["model"]["step_losses"])  # the training curves are kept too
+    assert steps > 0 and stored.plugins["counter"].sections[0].metrics["steps"] == steps  # the finished section
+    assert len(stored.training["model"]["epochs"]) == 1  # and the training curves
+    from resinspect.rundir import render_run
+
+    page = render_run(tmp_path / "r").read_text()  # `resinspect report` on it
+    assert "Not in this report" in page and "interrupt, crasher" in page and "Report complete." not in page
+
+
 def test_diverged_training_is_reported_as_failed(tmp_path, data):
     from helpers import UserResNet
 

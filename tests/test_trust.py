@@ -444,3 +444,20 @@ def test_docs_answer_the_plugin_authors_questions():
     for path in (ROOT / "examples" / "resinspect-blockgain" / "resinspect_blockgain.py",
                  ROOT / "resinspect" / "scaffold.py"):
         assert "NAME = " not in path.read_text()
+
+
+def test_an_untrained_model_is_called_untrained_and_its_findings_say_so(tmp_path):
+    result = resinspect.run(model="resnet8", plugins=["ablation"], twin=True, out=tmp_path / "r", epochs=0,
+                            data="digits", data_args={"size": 8}, device="cpu",
+                            options=["ablation.pair_blocks=0", "ablation.k_max=0", "ablation.bn_recalibrate=false"])
+    assert result.results.model["trained"] is False
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "Analysed untrained:" in page
+    texts = " ".join(f.text for f in result.section("ablation").findings)
+    assert "was trained (no epochs, no checkpoint)" in texts and "the degradation problem itself" not in texts
+    trained = resinspect.run(model="resnet8", plugins=[], out=tmp_path / "t", **SMALL)
+    assert trained.results.model["trained"] is True
+    assert "Analysed untrained:" not in (tmp_path / "t" / "index.html").read_text()
+    in_memory = resinspect.run(model=resinspect.build_model("resnet8"), plugins=[], out=tmp_path / "m",
+                               data="digits", data_args={"size": 8}, device="cpu", epochs=0)
+    assert in_memory.results.model["trained"] is None  # a module given in memory may have been trained

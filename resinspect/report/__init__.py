@@ -118,6 +118,10 @@ def render_html(results: Results, config_toml: str) -> str:
         explainer=Markup(EXPLAINER_HTML),
         css=Markup(css),
         failures=[{"plugin": n, "error": p.error} for n, p in results.plugins.items() if p.status == "failed"],
+        untrained=model.get("trained") is False,
+        missing=[]
+        if status in ("complete", "plugins_failed")
+        else [str(n) for n in results.config.get("plugins") or [] if n not in results.plugins],
         run_info=run_info,
         config_toml=config_toml,
         footer=footer,
