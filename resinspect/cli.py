@@ -247,20 +247,18 @@ def build_cli(rows: Any = None) -> click.Group:
     return group
 
 
+def _plugin_option_flag(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-o/--option PLUGIN.NAME=VALUE`` (repeatable), as ``run`` and ``sweep`` take it."""
+    return click.option("-o", "--option", "options", multiple=True, metavar="PLUGIN.NAME=VALUE", help=help)
+
+
 def _run_command(group: click.Group, rows: Any) -> None:
     from .settings import click_options
 
     @group.command("run")
     @click_options("run", rows)
     @_command_options
-    @click.option(
-        "-o",
-        "--option",
-        "options",
-        multiple=True,
-        metavar="PLUGIN.NAME=VALUE",
-        help="Set a plugin option, e.g. -o ablation.samples=200 (repeatable).",
-    )
+    @_plugin_option_flag("Set a plugin option, e.g. -o ablation.samples=200 (repeatable).")
     @click.option(
         "--nproc",
         type=click.IntRange(min=1),
@@ -346,14 +344,7 @@ def _sweep_command(group: click.Group, rows: Any) -> None:
     @click.option("--seeds", default="0", show_default=True, metavar="N,N,...", help="Comma-separated seeds.")
     @click_options("run", shared)
     @_command_options
-    @click.option(
-        "-o",
-        "--option",
-        "options",
-        multiple=True,
-        metavar="PLUGIN.NAME=VALUE",
-        help="Set a plugin option for every run (repeatable).",
-    )
+    @_plugin_option_flag("Set a plugin option for every run (repeatable).")
     @click.option(
         "--out",
         "-O",
