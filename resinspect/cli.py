@@ -407,6 +407,7 @@ def _sweep_command(group: click.Group, rows: Any) -> None:
             fg="green" if not bad else "red",
             bold=True,
         )
+        click.echo(f"TensorBoard (HParams tab: every network of every run): tensorboard --logdir {result.sweep_dir}")
         click_ctx.exit(result.exit_code)
 
 

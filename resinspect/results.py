@@ -20,6 +20,8 @@ from .section import Section
 
 __all__ = [
     "Results",
+    "network_values",
+    "model_depth",
     "RunInfo",
     "PluginResult",
     "SCHEMA_VERSION",
@@ -76,6 +78,7 @@ class Results:
     training: dict[str, dict[str, Any]] = field(default_factory=dict)
     plugins: dict[str, PluginResult] = field(default_factory=dict)
     core_sections: list[Section] = field(default_factory=list)
+    tensorboard: dict[str, Any] = field(default_factory=dict)
     resinspect_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -128,6 +131,7 @@ class Results:
                 for n, p in self.plugins.items()
             },
             "core_sections": secs(self.core_sections),
+            **({"tensorboard": self.tensorboard} if self.tensorboard else {}),
         }
 
     def write(self, run_dir: Path, figures: bool = True) -> None:
@@ -185,6 +189,7 @@ class Results:
             training=d["training"],
             plugins=plugins,
             core_sections=[Section.from_dict(s, load) for s in d["core_sections"]],
+            tensorboard=d.get("tensorboard") or {},
             resinspect_version=d["resinspect_version"],
             schema_version=version,
         )
@@ -250,3 +255,45 @@ def validate(d: dict[str, Any]) -> list[str]:
     from .schema import validate as validate_against
 
     return validate_against(d, load_schema(_SCHEMA_FILE.name))
+
+
+def model_depth(name: str) -> int | None:
+    """The depth a model's name ends in (``resnet56`` → 56, ``plain20`` → 20), or None."""
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def network_values(r: Results) -> dict[str, dict[str, float]]:
+    """Per network of a run (``model``, and ``twin`` when trained), its numbers by name: ``test_error`` and
+    ``train_error`` (1 - final accuracy), ``test_error_curve/<epoch>`` and ``train_error_curve/<epoch>``, and
+    every numeric plugin metric ``<plugin>/<name>`` with the network's ``model/``/``twin/`` prefix taken off
+    (metrics without such a prefix belong to the model)."""
+    out: dict[str, dict[str, float]] = {}
+    for role, h in r.training.items():
+        epochs = h.get("epochs") or []
+        v = out.setdefault(role, {})
+        if epochs:
+            v["test_error"] = 1 - epochs[-1]["test_accuracy"]
+            v["train_error"] = 1 - epochs[-1]["train_accuracy"]
+            for e in epochs:
+                v[f"test_error_curve/{e['epoch']}"] = 1 - e["test_accuracy"]
+                v[f"train_error_curve/{e['epoch']}"] = 1 - e["train_accuracy"]
+    for plugin, p in r.plugins.items():
+        for s in p.sections:
+            for k, raw in s.metrics.items():
+                x = _number(raw)
+                if x is None:
+                    continue
+                head, _, rest = k.partition("/")
+                if head in ("model", "twin") and rest:
+                    role, name = head, rest
+                else:
+                    role, name = (s.role or "model"), k
+                out.setdefault(role, {}).setdefault(f"{plugin}/{name}", x)
+    return out

@@ -76,6 +76,7 @@ def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: s
                 )
             for marker in _RUN_MARKERS:  # an old report must never pass for the new run's
                 (path / marker).unlink(missing_ok=True)
+            _remove_tree(path / "tb")  # nor old event files mix into the new run's TensorBoard charts
         _mkdir(path, exist_ok=True)
         return path
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
@@ -86,6 +87,16 @@ def new_run_dir(out: str | os.PathLike | None, root: str | os.PathLike, label: s
         path = base.with_name(f"{base.name}-{n}")
     _mkdir(path, exist_ok=False)
     return path
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            raise output_error(path, "remove the old run's TensorBoard logs", e) from e
 
 
 def _mkdir(path: Path, exist_ok: bool) -> None:

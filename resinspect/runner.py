@@ -650,10 +650,11 @@ def _write(
     dossier = dossier_section(results.model.get("residual_blocks", []), plugin_sections)
     if dossier is not None:
         results.core_sections.append(dossier)
-    ctx.tensorboard.sections(results.core_sections + plugin_sections)
-    ctx.tensorboard.close()
     results.training = {role: h.to_dict() for role, h in history.items()}
     results.plugins = {name: _plugin_result(host, name, sections.get(name, [])) for name in s.plugins}
+    ctx.tensorboard.sections(results.core_sections + plugin_sections)
+    results.tensorboard = _tensorboard_tabs(s, ctx, results, results.core_sections + plugin_sections, config_toml)
+    ctx.tensorboard.close()
     results.error = error
     results.run.phase = None if not error else "train"
     results.run.finished = dt.datetime.now().isoformat(timespec="seconds")
@@ -663,6 +664,24 @@ def _write(
 
     write_atomic(run_dir / "index.html", render_html(results, config_toml))
     return RunResult(run_dir, results, sections, nets.net, nets.twin)
+
+
+def _tensorboard_tabs(
+    s: RunSettings, ctx: RunContext, results: Results, sections: list[Section], config_toml: str
+) -> dict[str, Any]:
+    """HParams, graph, projector, PR curves, custom-scalars layout and texts (:mod:`resinspect.tbtabs`),
+    with the networks in eval mode and the time each took."""
+    from .tbtabs import write_tabs
+
+    for _, m in ctx.networks():
+        m.eval()
+    settings = {
+        "tb_skip": s.tb_skip,
+        "tb_samples": s.tb_samples,
+        "tb_embeddings": s.tb_embeddings,
+        "lr": s.train_config().initial_lr,
+    }
+    return write_tabs(ctx.tensorboard, ctx, results, sections, {**settings, "config_toml": config_toml})
 
 
 def _plugin_result(host: PluginHost, name: str, sections: list[Section]) -> PluginResult:

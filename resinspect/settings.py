@@ -28,6 +28,13 @@ DEFAULT_EPOCHS = 8
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
+def _tab_kinds(kinds: Any) -> str | None:
+    from .tensorboard import TAB_KINDS
+
+    bad = [k for k in kinds or [] if k not in TAB_KINDS]
+    return f"unknown kind(s) {', '.join(map(repr, bad))}; valid: {', '.join(TAB_KINDS)}" if bad else None
+
+
 def _within(bounds: str) -> Callable[[Any], str | None]:
     """A check that refuses values outside ``bounds`` (an :class:`~resinspect.options.Interval`, e.g.
     ``"(0, 100]"``): every numeric setting has finite bounds, so NaN, infinities and absurd sizes are refused
@@ -128,6 +135,28 @@ SETTINGS: list[Setting] = [
         0,
         "Random seed: with the same torch version and thread count, the same seed gives the same numbers on CPU.",
         check=_within("[0, 9_223_372_036_854_775_807]"),
+    ),
+    Setting(
+        "tb_skip",
+        list,
+        [],
+        "TensorBoard tabs not to write, comma-separated: hparams, graph, projector, pr (PR curves), layout "
+        "(custom scalars), text.",
+        check=_tab_kinds,
+    ),
+    Setting(
+        "tb_samples",
+        int,
+        2048,
+        "Test images (the first ones) behind TensorBoard's PR curves and projector.",
+        check=_within("[1, 10_000_000]"),
+    ),
+    Setting(
+        "tb_embeddings",
+        int,
+        256,
+        "Test images whose head-input features go to TensorBoard's projector (0: none).",
+        check=_within("[0, 100_000]"),
     ),
     Setting(
         "batch_size",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .errors import ResinspectError
-from .results import Results
+from .results import Results, model_depth, network_values
 from .rundir import dump_toml, folder_kind, output_error, write_atomic
 from .settings import RunSettings
 
@@ -453,47 +453,6 @@ def _run_parallel(
 
 
 # -- aggregation --------------------------------------------------------------------------------------
-def _depth(name: str) -> int | None:
-    m = re.search(r"(\d+)$", name)
-    return int(m.group(1)) if m else None
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def network_values(r: Results) -> dict[str, dict[str, float]]:
-    """Per network of a run (``model``, and ``twin`` when trained), its numbers by name: ``test_error`` and
-    ``train_error`` (1 - final accuracy), ``test_error_curve/<epoch>`` and ``train_error_curve/<epoch>``, and
-    every numeric plugin metric ``<plugin>/<name>`` with the network's ``model/``/``twin/`` prefix taken off
-    (metrics without such a prefix belong to the model)."""
-    out: dict[str, dict[str, float]] = {}
-    for role, h in r.training.items():
-        epochs = h.get("epochs") or []
-        v = out.setdefault(role, {})
-        if epochs:
-            v["test_error"] = 1 - epochs[-1]["test_accuracy"]
-            v["train_error"] = 1 - epochs[-1]["train_accuracy"]
-            for e in epochs:
-                v[f"test_error_curve/{e['epoch']}"] = 1 - e["test_accuracy"]
-                v[f"train_error_curve/{e['epoch']}"] = 1 - e["train_accuracy"]
-    for plugin, p in r.plugins.items():
-        for s in p.sections:
-            for k, raw in s.metrics.items():
-                x = _number(raw)
-                if x is None:
-                    continue
-                head, _, rest = k.partition("/")
-                if head in ("model", "twin") and rest:
-                    role, name = head, rest
-                else:
-                    role, name = (s.role or "model"), k
-                out.setdefault(role, {}).setdefault(f"{plugin}/{name}", x)
-    return out
-
-
 def _key_metrics(r: Results) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {}
     for plugin, p in r.plugins.items():
@@ -534,7 +493,7 @@ def aggregate(root: Path, runs: Sequence[SweepRun]) -> dict[str, Any]:
         if r.status not in _DONE:
             continue
         res = Results.read(root / r.path)
-        depth = _depth(r.model)
+        depth = model_depth(r.model)
         depth = depth if depth is not None else model_order.index(r.model) + 1
         residual = bool(res.model.get("residual_blocks"))
         for role, values in network_values(res).items():

@@ -18,9 +18,11 @@ import torch
 from .errors import ResinspectError
 from .section import Section
 
-__all__ = ["TensorBoardRuns", "ROLES"]
+__all__ = ["TensorBoardRuns", "ROLES", "TAB_KINDS"]
 
 ROLES = ("model", "twin")
+# what resinspect.tbtabs writes for TensorBoard's other tabs, each skippable with --tb-skip
+TAB_KINDS = ("hparams", "graph", "projector", "pr", "layout", "text")
 
 
 class TensorBoardRuns:
@@ -29,6 +31,11 @@ class TensorBoardRuns:
     def __init__(self, root: Path | None):
         self.root = Path(root) if root is not None else None
         self._writers: dict[str, Any] = {}
+        self._tags: set[str] = set()
+
+    def tags_written(self) -> set[str]:
+        """Every scalar tag logged through these runs so far (either network)."""
+        return set(self._tags)
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +67,7 @@ class TensorBoardRuns:
         w = self.writer(role)
         if w is None or not values:
             return
+        self._tags.update(values)
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         summary = Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()])

@@ -54,6 +54,11 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
 
+    @property
+    def initial_lr(self) -> float:
+        """The learning rate training starts from: ``lr``, or the optimiser's default when it is None."""
+        return self.lr if self.lr is not None else (0.1 if self.optimizer == "sgd" else 1e-3)
+
     def validate(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got '{self.optimizer}'")
@@ -166,9 +171,9 @@ def evaluate(
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr or 0.1, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            model.parameters(), lr=cfg.initial_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr or 1e-3, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.initial_lr, weight_decay=cfg.weight_decay)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):

@@ -78,3 +78,59 @@ def open_in_browser(page_path, check):
             return len(images)
         finally:
             browser.close()
+
+
+class TensorBoardServer:
+    """The real TensorBoard server on ``logdir`` (a subprocess on 127.0.0.1, a free port), with ``get`` and
+    ``post`` for its JSON API; stopped on exit."""
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+
+    def __enter__(self):
+        import re
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(self.logdir), "--host", "127.0.0.1",
+             "--port", "0", "--load_fast", "false", "--reload_interval", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline, lines = time.time() + 120, []
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            lines.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+            if m:
+                self.url = m.group(1)
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        self.proc.kill()
+        raise AssertionError("tensorboard did not start:\n" + "".join(lines))
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+    def get(self, path):
+        import json
+        import urllib.request
+
+        return json.loads(urllib.request.urlopen(self.url + path.lstrip("/"), timeout=60).read())
+
+    def post(self, path, body):
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path.lstrip("/"), data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "X-XSRF-Protected": "1"})
+        return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+    def session_groups(self):
+        """Every HParams session group, as the HParams tab asks for them."""
+        statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+        return self.post("/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": statuses, "startIndex": 0, "sliceSize": 1000,
+            "colParams": []})["sessionGroups"]

@@ -86,7 +86,7 @@ def test_tensorboard_events_read_back(run_dir):
     assert model.Scalars("train/test_accuracy")[-1].value == pytest.approx(
         results["training"]["model"]["epochs"][-1]["test_accuracy"])
     # every tag is <plugin-or-core>/<name>
-    plugins = set(results["plugins"]) | {"train", "dossier"}
+    plugins = set(results["plugins"]) | {"train", "dossier", "hparams"}
     for acc in (model, twin):
         assert all(tag.split("/")[0] in plugins for tag in set(acc.Tags()["scalars"]) | set(acc.Tags()["images"]))
     assert any(t.startswith("ablation/figure/") for t in model.Tags()["images"])

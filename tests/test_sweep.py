@@ -128,6 +128,7 @@ def test_interrupted_sweep_resumes_exactly_the_rest(tmp_path):
     r = CliRunner().invoke(main, cmd[3:-1])
     assert r.exit_code == 0, r.output
     assert "resnet8 seed 0: already complete, kept" in r.output
+    assert f"tensorboard --logdir {root}" in r.output  # the sweep folder is one logdir
     ran = [line for line in r.output.splitlines() if line.startswith("[")]
     assert ran == ["[1/3] resnet8 seed 1 ...", "[2/3] resnet14 seed 0 ...", "[3/3] resnet14 seed 1 ..."]
     assert (root / "resnet8-seed0" / "results.json").stat().st_mtime_ns == first
@@ -195,6 +196,65 @@ def test_sweep_report_and_compare_page_in_a_real_browser(swept, tmp_path):
         assert "Per-block dossier" in page.inner_text("body") and "ablation/lesion cost (points)" in page.inner_text("body")
 
     assert open_in_browser(out, compare_page) >= 2
+
+
+def _wait_for_runs(tb, n):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if len(tb.get("/data/runs")) >= n and len(tb.session_groups()) >= n:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"tensorboard did not load {n} runs: {tb.get('/data/runs')}")
+
+
+def test_tensorboard_server_shows_the_sweep_as_one_hparams_table(swept):
+    """The sweep folder is one logdir: the real TensorBoard server, asked over HTTP as its HParams tab asks,
+    gives a session per network with its depth, family and final test error, equal to results.json's."""
+    from helpers import TensorBoardServer
+
+    from resinspect.results import network_values
+
+    root, result = swept
+    with TensorBoardServer(root) as tb:
+        _wait_for_runs(tb, 8)
+        experiment = tb.post("/data/plugin/hparams/experiment", {"experimentName": ""})
+        assert [h["name"] for h in experiment["hparamInfos"]][:3] == ["depth", "model", "residual"]
+        assert experiment["metricInfos"][0]["name"]["tag"] == "hparams/test_error"
+        groups = {g["name"]: g for g in tb.session_groups()}
+        assert len(groups) == 8  # 2 depths x 2 seeds x (residual, plain)
+        for r in result.runs:
+            values = network_values(Results.read(root / r.path))
+            for role, family in (("model", True), ("twin", False)):
+                g = groups[f"{r.path}/tb/{role}"]
+                assert g["hparams"]["residual"] is family and g["hparams"]["seed"] == r.seed
+                assert g["hparams"]["depth"] == int(r.model.removeprefix("resnet"))
+                assert g["hparams"]["model"] == (r.model if family else r.model.replace("resnet", "plain"))
+                metric = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
+                assert metric["hparams/test_error"] == pytest.approx(values[role]["test_error"])
+        # the scalars tab's data, from the same server
+        losses = tb.get(f"/data/plugin/scalars/scalars?run={result.runs[0].path}/tb/twin&tag=train/loss")
+        stored = Results.read(root / result.runs[0].path).training["twin"]["step_losses"]
+        assert [v for _, _, v in losses] == pytest.approx(stored, rel=1e-6)
+
+
+@pytest.mark.browser
+def test_tensorboard_hparams_tab_in_a_real_browser(swept):
+    """TensorBoard's own HParams page, in headless chromium, lists every network of the sweep."""
+    from helpers import TensorBoardServer, chromium
+    from playwright.sync_api import sync_playwright
+
+    root, result = swept
+    with TensorBoardServer(root) as tb, sync_playwright() as p:
+        _wait_for_runs(tb, 8)
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 600})
+            page.goto(tb.url + "#hparams")
+            for name in ("resnet8", "plain8", "resnet14", "plain14"):
+                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+            assert page.get_by_text("test_error", exact=True).first.is_visible()
+        finally:
+            browser.close()
 
 
 def test_report_command_re_renders_a_sweep(swept, tmp_path):

@@ -95,6 +95,8 @@ def render_html(results: Results, config_toml: str) -> str:
         ("packages", ", ".join(f"{k} {v}" for k, v in env_info.get("packages", {}).items())),
         ("dataset", ", ".join(f"{k}={v}" for k, v in results.data.items())),
     ]
+    if results.tensorboard:
+        run_info.append(("TensorBoard", _tensorboard_line(results.tensorboard)))
     footer = (
         "Report complete."
         if status in ("complete", "plugins_failed")
@@ -126,3 +128,11 @@ def render_html(results: Results, config_toml: str) -> str:
         config_toml=config_toml,
         footer=footer,
     )
+
+
+def _tensorboard_line(tb: dict) -> str:
+    """What the run wrote for TensorBoard's tabs, with the seconds each took, what it skipped and why."""
+    parts = [f"{k}: {w.get('what', '')} ({w.get('seconds', 0):.2f} s)" for k, w in tb.get("written", {}).items()]
+    parts += [f"{k}: skipped ({why})" for k, why in tb.get("skipped", {}).items()]
+    parts += list(tb.get("notes", []))
+    return f"tensorboard --logdir {tb.get('logdir', 'tb')} — " + "; ".join(parts)
