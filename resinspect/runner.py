@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import gc
 import importlib.metadata
@@ -33,7 +34,8 @@ from .data import DataBundle, load_data, make_loaders
 from .dossier import dossier_section
 from .errors import CheckpointError, OutputError, ResinspectError, TrainingDiverged
 from .models import build_model, load_checkpoint, save_checkpoint, twin_name
-from .models.registry import plain_twin_of
+from .models.pretrained import fit_to_model, load_strict, pretrained_bundle, resolve_weights
+from .models.registry import plain_twin_of, remove_skips
 from .plugins import PluginHost
 from .probes import eval_mode
 from .results import PluginResult, Results, RunInfo
@@ -144,7 +146,9 @@ def _resolve_settings(
         "run()",
     )
     if s.epochs is None:  # a loaded model is analysed as it is unless epochs are asked for
-        s.epochs = 0 if s.checkpoint else DEFAULT_EPOCHS
+        s.epochs = 0 if s.checkpoint or s.weights else DEFAULT_EPOCHS
+    if s.weights and s.checkpoint:
+        raise ResinspectError("--weights and --checkpoint both load a model's weights: give one of them")
     s.train_config().validate()
     return s
 
@@ -169,8 +173,23 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
     else:
         bundle = load_data(s.data, root=s.data_root, download=s.download, **s.data_args)
     s.data = bundle.name
+    if bundle.info.get("evaluation_only") and s.epochs > 0:
+        raise ResinspectError(
+            f"dataset {bundle.name} has evaluation images only (no train/ folder): analyse a trained model with "
+            "--epochs 0 (--weights or --checkpoint), or add a train/ folder to train"
+        )
+    pre = None
+    if s.weights and not isinstance(model, nn.Module):
+        pre = resolve_weights(s.model, s.weights, s.download)
+        probe = build_model(s.model, bundle.in_channels, bundle.num_classes, bundle.image_size)
+        bundle = pretrained_bundle(bundle, pre, fit_to_model(pre, probe)[0])
+        del probe
     arch = {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes, "image_size": bundle.image_size}
-    if isinstance(model, nn.Module):
+    if pre is not None:
+        torch.manual_seed(s.seed)
+        net, label = build_model(s.model, **arch), s.model
+        load_strict(net, pre.state_dict, pre.source)
+    elif isinstance(model, nn.Module):
         net, label = model, type(model).__name__
         if s.twin and not isinstance(twin, nn.Module):
             raise ResinspectError("twin=True needs a named model; for an in-memory model pass twin=<plain module>")
@@ -181,7 +200,10 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
         net, label = build_model(s.model, **arch), s.model
     s.model = label
     twin_net, twin_label = (twin, type(twin).__name__) if isinstance(twin, nn.Module) else (None, None)
-    if s.twin and twin_net is None:
+    if s.twin and twin_net is None and pre is not None:
+        # the pretrained network itself with every skip removed: the same weights, no shortcuts
+        twin_net, twin_label = remove_skips(copy.deepcopy(net)), f"plain:{label}"
+    elif s.twin and twin_net is None:
         twin_net, twin_label = _build_twin(s, label, arch)
     if isinstance(data, (list, tuple)):
         if dist.enabled:
@@ -526,7 +548,7 @@ def _context(
         plugin_options=active,
         show_progress=progress,
         dist=dist,
-        trained=True if s.epochs > 0 or s.checkpoint else (None if nets.in_memory else False),
+        trained=True if s.epochs > 0 or s.checkpoint or s.weights else (None if nets.in_memory else False),
     )
     ctx.record_initial_state()
     return ctx

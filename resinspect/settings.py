@@ -126,6 +126,14 @@ SETTINGS: list[Setting] = [
         "Load the model from this checkpoint instead of training from scratch (with "
         "--twin, also the twin.pt saved beside it).",
     ),
+    Setting(
+        "weights",
+        str,
+        None,
+        "Pretrained weights: a torchvision weights name for a torchvision:<builder> model (DEFAULT, "
+        "IMAGENET1K_V2, …; read from the torch hub cache) or a state-dict file (.pth, .pt, .bin, .safetensors). "
+        "The model keeps its classes; image folders get the weights' preprocessing.",
+    ),
     Setting("out", Path, None, "Run directory (default: a new folder under the reports root).", short="-O"),
     Setting("reports_root", Path, "reports", "Where runs without --out get their folder."),
     Setting("device", str, "auto", "Where to compute.", choices=("auto", "cpu", "cuda")),

@@ -194,15 +194,20 @@ def load_imagefolder(
     limit_test: int | None = None,
     download: bool = False,
 ) -> DataBundle:
-    """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root/val``)."""
+    """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root/val``). A folder with only
+    ``test/`` or ``val/`` is an evaluation-only dataset: its evaluation images stand in as the training set
+    (``info["evaluation_only"]``), which is enough to analyse a trained model with ``--epochs 0`` (runs that
+    would train on it are refused)."""
     from torchvision import datasets, transforms
 
     root = Path(root)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
+    if test_dir is None:
         raise DataError(
-            f"imagefolder: expected {root}/train/<class>/... and {root}/test/<class>/... (or val/); not found"
+            f"imagefolder: expected {root}/train/<class>/... and {root}/test/<class>/... (or val/), or only "
+            f"test/ or val/ to evaluate a trained model; not found"
         )
+    train_dir = root / "train" if (root / "train").is_dir() else test_dir
     steps = [transforms.Resize((image_size, image_size))]
     if grayscale:
         steps.append(transforms.Grayscale(1))
@@ -212,7 +217,7 @@ def load_imagefolder(
     ]
     tf = transforms.Compose(steps)
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=tf)
+        train = datasets.ImageFolder(str(train_dir), transform=tf)
         test = datasets.ImageFolder(str(test_dir), transform=tf)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"imagefolder: {e}") from e
@@ -226,5 +231,5 @@ def load_imagefolder(
         image_size=image_size,
         num_classes=len(train.classes),
         class_names=list(train.classes),
-        info={"root": str(root)},
+        info={"root": str(root), **({"evaluation_only": True} if train_dir == test_dir else {})},
     )

@@ -2,8 +2,10 @@
 
 Names: the CIFAR ResNets ``resnet20 … resnet110`` and their plain twins
 ``plain20 … plain110``; ``seed34`` / ``plainseed34`` (the origin document's
-[3,4,6,3] network); ``torchvision:resnet18 … torchvision:resnet152``; and any
-user factory written ``package.module:function``.
+[3,4,6,3] network); ``torchvision:<builder>`` for every classification model of
+torchvision (ResNet, ResNeXt, Wide ResNet, RegNet, MobileNet, EfficientNet,
+ConvNeXt, ViT, Swin, MaxViT …); and any user factory written
+``package.module:function``.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ def _torchvision(arch: str) -> Callable[..., nn.Module]:
     def factory(in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
         import torchvision.models as tvm
 
-        model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+        model = tvm.get_model(arch, weights=None, num_classes=num_classes)
         small = image_size is not None and image_size < 64
-        if in_channels != 3 or small:
+        if isinstance(model, tvm.ResNet) and (in_channels != 3 or small):
             # Small images (digits, shapes, CIFAR) lose everything to the 7×7/2 stem and the
             # max-pool; use the usual CIFAR adaptation: a 3×3 stride-1 stem and no max-pool.
             k, s, p = (3, 1, 1) if small else (7, 2, 3)
@@ -67,9 +69,52 @@ def _torchvision(arch: str) -> Callable[..., nn.Module]:
             nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
             if small:
                 model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            _adapt_first_conv(model, in_channels)
         return model
 
     return factory
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first 3-channel convolution by one with ``in_channels`` (same shape otherwise)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels == 3:
+            new = nn.Conv2d(
+                in_channels,
+                m.out_channels,
+                m.kernel_size,  # type: ignore[arg-type]
+                stride=m.stride,  # type: ignore[arg-type]
+                padding=m.padding,  # type: ignore[arg-type]
+                dilation=m.dilation,  # type: ignore[arg-type]
+                groups=1,
+                bias=m.bias is not None,
+            )
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            return
+
+
+_FAMILIES = (
+    ("resnext", "ResNeXt"),
+    ("wide_resnet", "Wide ResNet"),
+    ("resnet", "ResNet (He et al. 2016)"),
+    ("regnet", "RegNet"),
+    ("mobilenet", "MobileNet (inverted residuals)"),
+    ("efficientnet", "EfficientNet (MBConv blocks, stochastic depth)"),
+    ("convnext", "ConvNeXt (layer scale, stochastic depth)"),
+    ("vit", "Vision Transformer"),
+    ("swin", "Swin Transformer"),
+    ("maxvit", "MaxViT"),
+    ("densenet", "DenseNet (concatenation, not addition)"),
+    ("vgg", "VGG (no shortcuts)"),
+    ("alexnet", "AlexNet (no shortcuts)"),
+)
+
+
+def _torchvision_description(arch: str) -> str:
+    family = next((d for prefix, d in _FAMILIES if arch.startswith(prefix)), arch)
+    return f"torchvision's {arch}, {family}; --weights for its ImageNet weights, else adapted to the dataset"
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -90,12 +135,18 @@ MODELS["seed34"] = ModelSpec(
     twin="plainseed34",
 )
 MODELS["plainseed34"] = ModelSpec("plainseed34", "plain twin of seed34", _seed(False))
-for _arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
-    MODELS[f"torchvision:{_arch}"] = ModelSpec(
-        f"torchvision:{_arch}",
-        f"torchvision's {_arch}, adapted to the dataset's channels and classes",
-        _torchvision(_arch),
-    )
+
+
+def _register_torchvision() -> None:
+    from .pretrained import torchvision_builders
+
+    for arch in torchvision_builders():
+        MODELS[f"torchvision:{arch}"] = ModelSpec(
+            f"torchvision:{arch}", _torchvision_description(arch), _torchvision(arch), source="torchvision"
+        )
+
+
+_register_torchvision()
 
 
 class ModelRegistry:

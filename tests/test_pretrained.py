@@ -1,0 +1,233 @@
+"""The model you already have: every torchvision classifier by name, --weights from the torch hub cache or a
+state-dict file (.pth, .safetensors), the weights' own preprocessing and classes. Nothing is downloaded: the
+hub cache is a fake one under TORCH_HOME, the files are written here in their real formats."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+
+import resinspect
+from resinspect.cli import main
+from resinspect.errors import CheckpointError, ResinspectError
+from resinspect.models.pretrained import (
+    Pretrained,
+    class_mapping,
+    imagenet_wnids,
+    read_safetensors,
+    read_state_dict,
+    resolve_weights,
+)
+
+WNIDS = ["n01440764", "n01443537"]  # ImageNet classes 0 (tench) and 1 (goldfish)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An evaluation-only ImageFolder (val/ only) with wnid-named classes, 3 JPEGs each, odd sizes."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for wnid in WNIDS:
+        (root / "val" / wnid).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(root / "val" / wnid / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)  # torchvision's layout: 1000 classes
+    return path
+
+
+def test_every_torchvision_classifier_is_a_name_and_builds_for_the_dataset():
+    from resinspect.models.registry import model_names
+
+    names = set(model_names())
+    for arch in ("convnext_tiny", "vit_b_16", "swin_t", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf",
+                 "resnext50_32x4d", "maxvit_t", "swin_v2_t"):
+        assert f"torchvision:{arch}" in names
+    assert len([n for n in names if n.startswith("torchvision:")]) == len(torchvision.models.list_models(
+        module=torchvision.models))
+    out = CliRunner().invoke(main, ["models"]).output
+    assert "torchvision:convnext_tiny" in out and "ConvNeXt" in out
+    # without weights: adapted to the dataset's channels and classes
+    for arch in ("mobilenet_v3_small", "regnet_x_400mf"):
+        net = resinspect.build_model(f"torchvision:{arch}", in_channels=1, num_classes=7, image_size=32).eval()
+        assert net(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+
+
+def test_a_torchvision_state_dict_file_keeps_the_head_classes_and_preprocessing(folder, resnet18_file, tmp_path):
+    result = resinspect.run(model="torchvision:resnet18", data="imagefolder", data_root=str(folder),
+                            weights=str(resnet18_file), plugins=["summary"], out=tmp_path / "r", device="cpu",
+                            tb_skip=["graph", "projector", "layout"])
+    assert result.status == "complete", result.results.error
+    saved = torch.load(resnet18_file, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in result.model.state_dict().items())  # loaded exactly
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert data["config"]["epochs"] == 0 and data["model"]["trained"] is True
+    assert data["data"]["num_classes"] == 1000 and data["data"]["image_size"] == 224
+    assert "ImageNet ids" in data["data"]["classes"] and "ImageClassification" in data["data"]["preprocessing"]
+    assert data["data"]["evaluation_only"] is True
+    # the weights' own transform (resize 256, centre crop 224, ImageNet mean/std), labels mapped to 0 and 1
+    tf = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    xs, ys = zip(*_test_items(result))
+    by_hand = torch.stack([tf(Image.open(folder / "val" / w / f"{i}.jpg").convert("RGB")) for w in WNIDS
+                           for i in range(3)])
+    assert torch.allclose(torch.stack(xs), by_hand) and list(ys) == [0, 0, 0, 1, 1, 1]
+    # evaluation is over the mapped classes: the hparams test error equals the accuracy computed here
+    with torch.no_grad():
+        acc = (result.model.eval()(by_hand).argmax(1) == torch.tensor(ys)).float().mean().item()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "r" / "tb" / "model"))
+    tb.Reload()
+    assert tb.Scalars("hparams/test_error")[0].value == pytest.approx(1 - acc)
+
+
+def _test_items(result):
+    """The run's test set as the analyses saw it (the relabelled bundle kept by ``_capture_bundle``)."""
+    return [(x, int(y)) for x, y in _LAST_BUNDLE["test"]]
+
+
+_LAST_BUNDLE: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _capture_bundle(monkeypatch):
+    """Keep the relabelled bundle of the last run, to read its test set as the analyses did."""
+    from resinspect import runner
+    from resinspect.models import pretrained
+
+    original = pretrained.pretrained_bundle
+
+    def keep(bundle, pre, expected=None):
+        out = original(bundle, pre, expected)
+        _LAST_BUNDLE["test"] = out.test
+        return out
+
+    monkeypatch.setattr(runner, "pretrained_bundle", keep)
+
+
+def test_a_weights_name_resolves_offline_from_the_hub_cache(monkeypatch, tmp_path, resnet18_file):
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(ResinspectError) as e:
+        resolve_weights("torchvision:resnet18", "DEFAULT")
+    assert f"expected {expected}" in str(e.value) and weights.url in str(e.value)
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(resnet18_file.read_bytes())  # the file torchvision would have cached
+    pre = resolve_weights("torchvision:resnet18", "DEFAULT")
+    assert pre.num_classes == 1000 and pre.categories[:2] == ["tench", "goldfish"]
+    assert pre.transform.crop_size == [224] and str(expected) in pre.source
+    assert pre.state_dict.keys() == torch.load(resnet18_file, weights_only=True).keys()
+    with pytest.raises(ResinspectError, match="IMAGENET9.*valid: IMAGENET1K_V1, DEFAULT"):
+        resolve_weights("torchvision:resnet18", "IMAGENET9")
+    with pytest.raises(ResinspectError, match="weights names are torchvision's"):
+        resolve_weights("resnet20", "DEFAULT")
+
+
+def test_safetensors_reader_agrees_with_the_safetensors_package(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g).half(),
+               "c": torch.arange(6, dtype=torch.int64).reshape(2, 3), "d": torch.randn(2, 2).bfloat16(),
+               "e": torch.tensor([True, False]), "empty": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    got = read_safetensors(tmp_path / "t.safetensors")
+    assert got.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_a_safetensors_file_loads_any_registered_model_and_its_twin_keeps_the_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source = resinspect.build_model("resnet8", in_channels=1, num_classes=10)
+    save_file(source.state_dict(), tmp_path / "resnet8.safetensors")
+    result = resinspect.run(model="resnet8", data="digits", data_args={"size": 8}, twin=True, device="cpu",
+                            weights=str(tmp_path / "resnet8.safetensors"), plugins=["summary"], out=tmp_path / "r")
+    assert result.status == "complete"
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in result.model.state_dict().items())
+    # the plain twin is the same pretrained network without its shortcuts
+    assert result.results.model["twin"]["name"] == "plain:resnet8"
+    assert torch.equal(result.twin.get_submodule("layer1.0.conv1").weight, source.layer1[0].conv1.weight)
+    assert result.results.data["classes"] == "the dataset's 10 classes are the model's 10, in label order"
+
+
+def test_class_mapping_by_wnid_by_name_or_by_order_and_says_which():
+    pre = Pretrained(source="x", state_dict={}, num_classes=1000, categories=[f"c{i}" for i in range(1000)])
+    assert imagenet_wnids()[0] == "n01440764" and len(imagenet_wnids()) == 1000
+    assert class_mapping(["n01443537", "n15075141"], pre)[0] == [1, 999]
+    assert class_mapping(["c5", "C7"], pre) == ([5, 7], "the 2 folder names are the weights' class names")
+    mapping, said = class_mapping(["cat", "dog"], pre)
+    assert mapping == [0, 1] and "label i is taken as the model's class i of 1000" in said
+    with pytest.raises(ResinspectError, match="3 classes and the weights' head 2"):
+        class_mapping(["a", "b", "c"], Pretrained(source="x", state_dict={}, num_classes=2))
+
+
+def test_bad_weight_files_get_one_line_naming_the_file(tmp_path, resnet18_file, folder):
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(resnet18_file.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"weights {truncated}: not a readable state dict"):
+        read_state_dict(truncated)
+    st = tmp_path / "cut.safetensors"
+    st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError, match="not a valid .safetensors file.*truncated"):
+        read_state_dict(st)
+    notdict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], notdict)
+    with pytest.raises(CheckpointError, match="expected a state dict.*found list"):
+        read_state_dict(notdict)
+    # the wrong architecture's weights: the keys that differ, named
+    other = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), other)
+    r = CliRunner().invoke(main, ["run", "--model", "torchvision:resnet18", "--data", "imagefolder", "--data-root",
+                                  str(folder), "--weights", str(other), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"weights {other} do not fit ResNet" in r.output and "unexpected: layer1.2.conv1.weight" in r.output
+    # training on an evaluation-only folder is refused before any work
+    r = CliRunner().invoke(main, ["run", "--model", "torchvision:resnet18", "--data", "imagefolder", "--data-root",
+                                  str(folder), "--weights", str(resnet18_file), "--epochs", "1",
+                                  "--out", str(tmp_path / "s")])
+    assert r.exit_code == 1 and "evaluation images only" in r.output
+    # a 1-channel dataset for 3-channel weights
+    with pytest.raises(ResinspectError, match="take 3-channel images; dataset digits has 1"):
+        resinspect.run(model="torchvision:resnet18", data="digits", weights=str(resnet18_file),
+                       plugins=["summary"], out=tmp_path / "t", device="cpu")
+
+
+def test_formulas_check_convnexts_channels_last_linear_layers_instead_of_failing(tmp_path):
+    from resinspect.testing import tiny_data
+
+    result = resinspect.run(model="torchvision:convnext_tiny", data=tiny_data(train=16, test=8, size=32),
+                            plugins=["formulas"], epochs=0, out=tmp_path / "r", device="cpu",
+                            tb_skip=["graph", "projector", "pr", "layout"])
+    assert result.status == "complete", result.results.plugins["formulas"].error
+    section = result.section("formulas")
+    rows = section.tables[0]["rows"] if isinstance(section.tables[0], dict) else section.tables[0].rows
+    linear = [r for r in rows if r[0] == "linear"]
+    # the block's MLP linears see (B, H, W, C) inputs: checked, to float64 rounding
+    assert any(".block." in r[1] for r in linear), rows
+    assert all(r[2] < 1e-8 for r in rows)
+
+
+def test_wrapped_and_data_parallel_state_dicts_unwrap(tmp_path):
+    sd = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+    for i, obj in enumerate(({"state_dict": sd, "epoch": 3}, {"model": sd}, {"model_state_dict": sd},
+                             {f"module.{k}": v for k, v in sd.items()})):
+        torch.save(obj, tmp_path / f"{i}.pt")
+        got = read_state_dict(tmp_path / f"{i}.pt")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())
+    resinspect.save_checkpoint(tmp_path / "r.pt", resinspect.build_model("resnet8"), "resnet8", {})
+    with pytest.raises(CheckpointError, match="a resinspect checkpoint; load it with --checkpoint"):
+        read_state_dict(tmp_path / "r.pt")
