@@ -182,8 +182,47 @@ def resinspect_analyze(ctx) -> Section:
         return _analyze(ctx, model, blocks, opts, section)
 
 
+def _fit_to_budget(ctx, model, blocks, opts, section: Section) -> dict[str, Any]:
+    """The study's optional parts fitted to the run's ``--compute`` budget, in the model's multiply-adds: the
+    clean pass and the single-block lesions (and the twin's) always run; then skip removal, BN re-estimation,
+    the random subsets and last the pairs (quadratic in blocks) get what is left. Returns the options as
+    they will be used, and says in a finding what was cut."""
+    n, images = len(blocks), max(1, ctx.test_images(opts["samples"]))
+    plan = ctx.compute_plan(images)
+    plan.spend((1 + n) * (2 if ctx.twin is not None else 1))
+    out = dict(opts)
+    if out["skip_removal"] and not plan.fits(n):
+        out["skip_removal"] = False
+        plan.cut(f"skip removal off ({n} passes)")
+    if out["bn_recalibrate"] and _has_batchnorm(model):
+        bn_images = min(out["bn_batches"] * (ctx.train_loader.batch_size or 64), ctx.samples or 1 << 62)
+        passes = n * (1 + bn_images / images) * (2 if ctx.twin is not None else 1)
+        if not plan.fits(passes):
+            out["bn_recalibrate"] = False
+            plan.cut(f"BN re-estimation after each lesion off ({passes:.0f} passes)")
+    k_max = min(out["k_max"], n)
+    if k_max:
+        fit = plan.most(out["subsets"], k_max)
+        if fit < k_max:
+            plan.cut(f"random subsets up to k = {fit} instead of {k_max}" if fit else "random-subset study off")
+        out["k_max"] = fit
+    regular = [i for i, b in enumerate(blocks) if not b.downsamples][: out["pair_blocks"]]
+    m = len(regular)
+    while m > 1 and not plan.fits(m * (m - 1) / 2):
+        m -= 1
+    if m < len(regular):
+        plan.cut(f"pairwise lesions among the first {m} blocks instead of {len(regular)}" if m > 1 else "pairs off")
+        out["pair_blocks"] = m if m > 1 else 0
+    said = plan.finding(ctx.multiply_adds(), images)
+    if said:
+        section.finding(said, "info")
+    section.metric("planned_multiply_adds", plan.spent, tensorboard=False)
+    return out
+
+
 def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     n = len(blocks)
+    opts = _fit_to_budget(ctx, model, blocks, opts, section)
     lesions = [Lesion("bypass", (i,)) for i in range(n)]
     if opts["skip_removal"]:
         lesions += [Lesion("drop_skip", (i,)) for i in range(n)]

@@ -58,10 +58,10 @@ class Moments:
     squares: float = 0.0
 
     def add(self, t: torch.Tensor) -> None:
-        t = t.detach().double()
+        t = t.detach()  # summed in float64 without a float64 copy of the whole map
         self.count += t.numel()
-        self.total += t.sum().item()
-        self.squares += (t * t).sum().item()
+        self.total += t.sum(dtype=torch.float64).item()
+        self.squares += (t * t).sum(dtype=torch.float64).item()
 
     @property
     def std(self) -> float:
@@ -80,9 +80,9 @@ class ChannelMoments:
     squares: torch.Tensor | None = None
 
     def add(self, t: torch.Tensor) -> None:
-        t = t.detach().double()
+        t = t.detach()
         dims = [d for d in range(t.dim()) if d != 1]
-        s, q = t.sum(dims), (t * t).sum(dims)
+        s, q = t.sum(dims, dtype=torch.float64), (t * t).sum(dims, dtype=torch.float64)
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q
         self.count += t.numel() // t.shape[1]
@@ -241,7 +241,8 @@ def resinspect_analyze(ctx) -> Section:
     st = stats["model"]
     blocks = residual_blocks(ctx.model)
     if blocks and st.images:
-        init = _at_init(ctx, "model", ctx.model, opts["samples"])
+        # nothing trained in this run (a loaded or pretrained model): its initial state is the one measured
+        init = _at_init(ctx, "model", ctx.model, opts["samples"]) if ctx.trained_in_run else st
         rows: list[list[Any]] = []
         for b in blocks:
             ratio = st.ratio_sum[b.name] / st.images

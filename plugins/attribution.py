@@ -116,7 +116,31 @@ def resinspect_analyze(ctx) -> Section:
         return _analyze(ctx, ctx.model, opts, s)
 
 
+# captum's internal batches hold a forward and backward of this many multiply-adds at most (about 1 GB of
+# activations for torchvision's resnet50 at 224 px: 12 images; resnet20 on digits keeps its 256)
+INTERNAL_BATCH_MACS = 5e10
+
+
+def _fitted(ctx, opts: dict[str, Any], s: Section) -> dict[str, Any]:
+    """The options fitted to the model: captum's internal batch bounded by :data:`INTERNAL_BATCH_MACS` (memory;
+    the maps are the same), and the images attributed fitted to the run's ``--compute`` budget (each costs
+    about ``3·(ig_steps + smoothgrad_samples) + 2·curve_steps`` passes of one image). At least 4 images."""
+    macs = ctx.multiply_adds()
+    out = dict(opts, internal_batch_size=min(opts["internal_batch_size"], max(1, int(INTERNAL_BATCH_MACS // macs))))
+    want = ctx.test_images(opts["images"])
+    plan = ctx.compute_plan(1)
+    got = max(
+        min(want, 4), plan.most(3 * (opts["ig_steps"] + opts["smoothgrad_samples"]) + 2 * opts["curve_steps"], want)
+    )
+    if got < want:
+        plan.cut(f"{got} images attributed instead of {want}")
+        s.finding(plan.finding(macs, 1) or "", "info")
+    out["images"] = got
+    return out
+
+
 def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section:
+    opts = _fitted(ctx, opts, s)
     x, y, masks = _images(ctx, opts["images"])
     with torch.no_grad():
         pred = model(x).argmax(1)

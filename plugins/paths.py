@@ -129,20 +129,40 @@ def resinspect_analyze(ctx) -> Section:
         )
         return s
     n = len(blocks)
+    at_init = opts["at_init"] and ctx.trained_in_run
+    if opts["at_init"] and not at_init:
+        s.finding(
+            "Not decomposed at initialisation: nothing was trained in this run, so the initial weights are "
+            "the analysed ones.",
+            "info",
+        )
+    images = _fit_images(ctx, s, n, opts["samples"], 2 if at_init else 1)
     described = {
         "trained": _describe(
-            path_gradients(ctx.model, blocks, ctx.test_batches(opts["samples"]), ctx.progress), opts["coverage"]
+            path_gradients(ctx.model, blocks, ctx.test_batches(images), ctx.progress), opts["coverage"]
         )
     }
-    init = _at_init(ctx) if opts["at_init"] else None
+    init = _at_init(ctx) if at_init else None
     if init is not None:
         described["init"] = _describe(
-            path_gradients(init, residual_blocks(init), ctx.test_batches(opts["samples"]), ctx.progress),
-            opts["coverage"],
+            path_gradients(init, residual_blocks(init), ctx.test_batches(images), ctx.progress), opts["coverage"]
         )
-    twin = _twin_single_path(ctx, blocks[0].name, opts["samples"]) if ctx.twin is not None else None
+    twin = _twin_single_path(ctx, blocks[0].name, images) if ctx.twin is not None else None
     _report(s, ctx, n, described, twin, opts["coverage"])
     return s
+
+
+def _fit_images(ctx, s: Section, n: int, samples: int, networks: int) -> int:
+    """The images to decompose, fitted to the run's ``--compute`` budget: one image costs about ``n + 3``
+    passes (a forward, and a backward that carries up to ``n + 1`` gradients, one per path length, through
+    the blocks: quadratic in depth). At least 8 images are kept."""
+    want = ctx.test_images(samples)
+    plan = ctx.compute_plan(1)
+    got = max(min(want, 8), plan.most((n + 3) * networks, want))
+    if got < want:
+        plan.cut(f"{got} images decomposed instead of {want} (about {n + 3} passes each, quadratic in the {n} blocks)")
+        s.finding(plan.finding(ctx.multiply_adds(), 1) or "", "info")
+    return got
 
 
 def _report(s: Section, ctx, n: int, described: dict, twin: float | None, coverage: float) -> None:

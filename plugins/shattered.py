@@ -183,10 +183,18 @@ def resinspect_analyze(ctx):
         )
         _toy_figure(s, toy)
     lines = _lines(ctx, opts["lines"])
+    at_init = opts["at_init"] and ctx.trained_in_run
+    if opts["at_init"] and not at_init:
+        s.finding(
+            "Not measured at initialisation: nothing was trained in this run, so the initial weights are "
+            "the analysed ones.",
+            "info",
+        )
+    opts = dict(opts, points=_fit_points(ctx, s, len(lines), opts["points"], at_init))
     results = {}
     for role, net in ctx.networks():
         results[(role, "trained")] = _measure(net, lines, opts["points"], opts["batch"])
-        init = _init_copy(ctx, role, net) if opts["at_init"] else None
+        init = _init_copy(ctx, role, net) if at_init else None
         if init is not None:
             results[(role, "init")] = _measure(init, lines, opts["points"], opts["batch"])
     for (role, state), r in results.items():
@@ -203,6 +211,18 @@ def resinspect_analyze(ctx):
     _findings(s, ctx, results)
     _figures(s, ctx, results)
     return s
+
+
+def _fit_points(ctx, s: Section, lines: int, points: int, at_init: bool) -> int:
+    """Points per line fitted to the run's ``--compute`` budget: each point is a forward and a backward pass
+    of one image (about 3 passes' worth), on every line, network and state. At least 16 are kept."""
+    plan = ctx.compute_plan(1)
+    each = 3 * lines * len(ctx.networks()) * (2 if at_init else 1)
+    got = max(min(points, 16), plan.most(each, points))
+    if got < points:
+        plan.cut(f"{got} points per line instead of {points}")
+        s.finding(plan.finding(ctx.multiply_adds(), 1) or "", "info")
+    return got
 
 
 def _findings(s: Section, ctx, results: dict) -> None:

@@ -102,7 +102,11 @@ class RunContext:
     sections: dict[str, list[Any]] = field(default_factory=dict)
     dist: Distributed = SINGLE
     trained: bool | None = None
+    samples: int = 0
+    compute: float = 0.0
+    subsampled: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
     _block_cache: dict[str, list[ResidualBlock]] = field(default_factory=dict, repr=False)
+    _macs_cache: dict[str, int] = field(default_factory=dict, repr=False)
 
     # -- options and names ---------------------------------------------------------------------
     def section(self, plugin: str) -> Any:
@@ -170,8 +174,56 @@ class RunContext:
         ``limit`` counts *images*, not batches: iteration stops once ``limit`` images were yielded, and the
         last batch is cut to fit (``limit=100`` with batches of 64 gives 64 + 36). ``0`` means the whole test
         set. The order is fixed (the test loader does not shuffle), so every call yields the same batches.
+
+        The run's analysis budget (``--samples``, :attr:`samples`) caps ``limit``: with ``--samples 512`` an
+        analysis that asks for the whole test set, or 1000 images, gets the first 512, and the report says
+        so under the plugin's section (:attr:`subsampled`).
         """
-        return _limited(self.test_loader, limit, self.device)
+        return _limited(
+            self.test_loader, self._budget("test", limit, dataset_size(self.test_loader.dataset)), self.device
+        )
+
+    @property
+    def trained_in_run(self) -> bool:
+        """True when this run trained a network: only then do its initial weights (``initial_state``) differ
+        from the analysed ones, and an analysis "at initialisation" measure anything new."""
+        return any(getattr(h, "epochs", None) for h in self.history.values())
+
+    def test_images(self, limit: int = 0) -> int:
+        """How many images ``test_batches(limit)`` yields (the run's ``--samples`` budget applied)."""
+        available = dataset_size(self.test_loader.dataset)
+        n = min(limit, available) if limit else available
+        return min(n, self.samples) if self.samples else n
+
+    def multiply_adds(self, role: str = "model") -> int:
+        """Multiply-adds of one image through a network (:func:`resinspect.cost.multiply_adds`, on this run's
+        image size; counted once per network)."""
+        if role not in self._macs_cache:
+            from .cost import multiply_adds
+
+            network = self.model if role == "model" else self.twin
+            if network is None:
+                raise ResinspectError(f"no network '{role}' in this run")
+            x, _ = next(_limited(self.test_loader, 1, self.device))
+            self._macs_cache[role] = multiply_adds(network, x)
+        return self._macs_cache[role]
+
+    def compute_plan(self, images: int, role: str = "model") -> Any:
+        """A :class:`~resinspect.cost.ComputePlan` for passes over ``images`` images of a network, against the
+        run's ``--compute`` budget: what an analysis uses to cut its faster-than-linear parts to fit."""
+        from .cost import ComputePlan
+
+        return ComputePlan(float(self.multiply_adds(role)) * images, float(self.compute))
+
+    def _budget(self, which: str, limit: int, available: int) -> int:
+        """``limit`` capped by the run's ``samples`` budget; a cap that bites is recorded for the report."""
+        asked = min(limit, available) if limit else available
+        if not self.samples or asked <= self.samples:
+            return limit
+        key = self.plugin or ""
+        _, worst, _ = self.subsampled.get(key, {}).get(which, (0, 0, 0))
+        self.subsampled.setdefault(key, {})[which] = (self.samples, max(worst, asked), available)
+        return self.samples
 
     def train_batches(self, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` training batches on the device, for analyses that need training data (BatchNorm
@@ -181,10 +233,12 @@ class RunContext:
         is cut to fit). Every call in a run yields the same images in the same order: a permutation of the
         training set seeded with the run's seed, the same on every rank under torchrun and independent of the
         shuffling training used. Batches have the training batch size; resinspect's datasets apply no
-        augmentation, so these are the images training saw, as they were.
+        augmentation, so these are the images training saw, as they were. The run's ``--samples`` budget caps
+        ``limit`` as for :meth:`test_batches`.
         """
         dataset = self.train_loader.dataset
         order = torch.randperm(dataset_size(dataset), generator=torch.Generator().manual_seed(self.seed))
+        limit = self._budget("training", limit, len(order))
         if limit:
             order = order[:limit]
         batch = self.train_loader.batch_size or getattr(self.train_loader.batch_sampler, "batch_size", None) or 64

@@ -549,6 +549,8 @@ def _context(
         show_progress=progress,
         dist=dist,
         trained=True if s.epochs > 0 or s.checkpoint or s.weights else (None if nets.in_memory else False),
+        samples=s.samples,
+        compute=s.compute,
     )
     ctx.record_initial_state()
     return ctx
@@ -725,12 +727,26 @@ def _keep_as_it_goes(ctx: RunContext, host: PluginHost, results: Results) -> Any
     its figures, which are written at the end): a run stopped later keeps every finished section."""
 
     def done(name: str, sections: list[Section]) -> None:
+        _say_subsampled(ctx, name, sections)
         if ctx.is_main:
             results.plugins[name] = _plugin_result(host, name, sections)
             results.run.phase = "analyze"
             results.write(ctx.run_dir, figures=False)
 
     return done
+
+
+def _say_subsampled(ctx: RunContext, name: str, sections: list[Section]) -> None:
+    """Under the plugin's first section, what the run's ``--samples`` budget cut (``ctx.subsampled``)."""
+    cut = ctx.subsampled.get(name)
+    if not cut or not sections:
+        return
+    parts = [
+        f"{given:,} of the {asked:,} {which} images it asked for ({available:,} in the set)"
+        for which, (given, asked, available) in cut.items()
+    ]
+    sections[0].finding(f"Subsampled by --samples {ctx.samples}: {'; '.join(parts)}.", "info")
+    sections[0].metric("samples_budget", ctx.samples, tensorboard=False)
 
 
 def _training_section(ctx: RunContext, history: dict[str, History]) -> Section:

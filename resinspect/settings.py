@@ -28,6 +28,14 @@ DEFAULT_EPOCHS = 8
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
+# the analysis budget's default: every image of the small datasets (digits' 397 test images, shapes' 400,
+# CIFAR-10's 10,000 is cut), so their results do not change; an ImageNet folder of 50,000 is cut to 1,024
+DEFAULT_SAMPLES = 1024
+# about a minute of one analysis on 2 CPU cores (~30e9 multiply-adds a second); resnet20's whole default
+# ablation on digits costs a fifth of it, torchvision's resnet50 on 64 images of 224 px 0.26e12 per pass
+DEFAULT_COMPUTE = 2e12
+
+
 def _tab_kinds(kinds: Any) -> str | None:
     from .tensorboard import TAB_KINDS
 
@@ -143,6 +151,23 @@ SETTINGS: list[Setting] = [
         0,
         "Random seed: with the same torch version and thread count, the same seed gives the same numbers on CPU.",
         check=_within("[0, 9_223_372_036_854_775_807]"),
+    ),
+    Setting(
+        "samples",
+        int,
+        DEFAULT_SAMPLES,
+        "Analysis budget: the most test (and training) images any one analysis uses; each analysis's own "
+        "image option is capped by it, and the report says where it cut (0: no budget).",
+        check=_within("[0, 100_000_000]"),
+    ),
+    Setting(
+        "compute",
+        float,
+        DEFAULT_COMPUTE,
+        "Compute budget of one analysis, in the model's multiply-adds: analyses whose cost grows faster than "
+        "linearly (ablation's pairs and random subsets, …) cut those parts to fit, and the report says what "
+        "they cut (0: no budget).",
+        check=_within("[0, 1e21]"),
     ),
     Setting(
         "tb_skip",

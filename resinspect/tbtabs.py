@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from .anatomy import _is_add
+from .context import _limited
 from .data.bundle import dataset_size
 from .results import Results, model_depth, network_values
 from .section import Section
@@ -231,7 +232,9 @@ class _Tabs:
         if role not in self.evaluated:
             limit = int(self.settings["tb_samples"])
             keep = int(self.settings["tb_embeddings"])
-            self.evaluated[role] = evaluate_for_tabs(network, self.ctx.test_batches(limit), keep)
+            # its own budget (--tb-samples), not the analyses' (--samples)
+            batches = _limited(self.ctx.test_loader, limit, self.ctx.device)
+            self.evaluated[role] = evaluate_for_tabs(network, batches, keep)
         return self.evaluated[role]
 
 

@@ -231,3 +231,101 @@ def test_wrapped_and_data_parallel_state_dicts_unwrap(tmp_path):
     resinspect.save_checkpoint(tmp_path / "r.pt", resinspect.build_model("resnet8"), "resnet8", {})
     with pytest.raises(CheckpointError, match="a resinspect checkpoint; load it with --checkpoint"):
         read_state_dict(tmp_path / "r.pt")
+
+
+def test_the_samples_budget_caps_every_analysis_and_the_report_says_where(tmp_path):
+    from resinspect.testing import tiny_data
+
+    data = tiny_data(train=64, test=64)
+    result = resinspect.run(model="resnet8", data=data, plugins=["ablation", "similarity"], epochs=1, samples=24,
+                            out=tmp_path / "r", device="cpu", options={"ablation": {"k_max": 1, "subsets": 1}})
+    ablation = result.section("ablation")
+    said = [f.text for f in ablation.findings if f.text.startswith("Subsampled")]
+    assert said == ["Subsampled by --samples 24: 24 of the 64 test images it asked for (64 in the set); "
+                    "24 of the 64 training images it asked for (64 in the set)."]
+    x, y = data.test.tensors
+    with torch.no_grad():
+        by_hand = (result.model.eval()(x[:24]).argmax(1) == y[:24]).float().mean().item()
+    assert ablation.metrics["clean_accuracy"] == pytest.approx(by_hand)
+    # similarity asked for 512 images: it got 24, and says so too
+    assert any("24 of the 64 test images" in f.text for f in result.section("similarity").findings)
+    assert "Subsampled by --samples" in (tmp_path / "r" / "index.html").read_text()
+    # the default budget (1024) leaves digits' 397 test images alone
+    assert resinspect.RunSettings().samples == 1024
+
+
+def test_multiply_adds_match_the_published_counts():
+    from resinspect.cost import multiply_adds
+
+    assert multiply_adds(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224)) == pytest.approx(4.09e9, rel=0.01)
+    assert multiply_adds(resinspect.build_model("resnet20", 3, 10), torch.randn(1, 3, 32, 32)) == pytest.approx(
+        40.8e6, rel=0.01)  # He et al.'s CIFAR ResNet-20: 41M
+    attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = attention
+
+        def forward(self, x):
+            return self.a(x, x, x)[0]
+
+    # q, k, v and output projections (4 x 5 tokens x 8 x 8) plus the scores and mixing (2 x 5^2 x 8)
+    assert multiply_adds(Wrap(), torch.randn(1, 5, 8)) == 4 * 5 * 8 * 8 + 2 * 25 * 8
+
+
+def test_ablation_fits_its_quadratic_parts_to_the_compute_budget(tmp_path):
+    from resinspect.cost import multiply_adds
+    from resinspect.testing import tiny_data
+
+    data = tiny_data(train=64, test=32)
+    kwargs = dict(model="resnet8", data=data, plugins=["ablation"], epochs=0, device="cpu",
+                  options={"ablation": {"k_max": 2, "subsets": 2}}, tb_skip=["graph", "projector", "pr"])
+    full = resinspect.run(**kwargs, out=tmp_path / "full", compute=0).section("ablation")
+    assert not any(f.text.startswith("Fitted") for f in full.findings)
+    assert "k/2/mean_accuracy" in full.metrics and "lesion_bn/layer1.0/accuracy" in full.metrics
+    per_pass = multiply_adds(full_model := resinspect.build_model("resnet8", 1, 10), data.test.tensors[0][:1]) * 32
+    del full_model
+    # room for the clean pass, the 3 single lesions and the 3 skip removals: nothing else
+    tight = resinspect.run(**kwargs, out=tmp_path / "tight", compute=7 * per_pass).section("ablation")
+    said = next(f.text for f in tight.findings if f.text.startswith("Fitted"))
+    assert "BN re-estimation after each lesion off" in said and "random-subset study off" in said
+    assert "skip removal" not in said.split(":", 1)[1].split("BN")[0]  # skip removal kept
+    assert "skip_removal/layer1.0/accuracy" in tight.metrics and "k/1/mean_accuracy" not in tight.metrics
+    assert tight.metrics["planned_multiply_adds"] <= 7 * per_pass
+    # the single-block lesions are the same numbers either way
+    assert tight.metrics["lesion/layer2.0/accuracy"] == full.metrics["lesion/layer2.0/accuracy"]
+
+
+def test_superlinear_analyses_fit_the_compute_budget_and_skip_a_second_identical_pass(tmp_path):
+    from resinspect.cost import multiply_adds
+    from resinspect.testing import tiny_data
+
+    data = tiny_data(train=64, test=32)
+    macs = multiply_adds(resinspect.build_model("resnet8", 1, 10), data.test.tensors[0][:1])
+    # room for 120 single-image passes: paths' images (6 passes each for 3 blocks: 20), shattered's points
+    # (3 passes x 4 lines each: 10, raised to the floor of 16) and attribution's images (76 passes each: 1,
+    # raised to the floor of 4) are cut to fit, and each says so
+    result = resinspect.run(model="resnet8", data=data, plugins=["paths", "shattered", "attribution"], epochs=0,
+                            device="cpu", compute=120 * macs, out=tmp_path / "r",
+                            options={"shattered": {"toy": False, "points": 256},
+                                     "attribution": {"images": 8, "ig_steps": 8, "smoothgrad_samples": 4,
+                                                     "methods": ["saliency", "integrated_gradients"],
+                                                     "sanity": False}},
+                            tb_skip=["graph", "projector", "pr", "layout"])
+    assert result.status == "complete"
+    paths, shattered, attribution = (result.section(p) for p in ("paths", "shattered", "attribution"))
+    assert any("Not decomposed at initialisation: nothing was trained" in f.text for f in paths.findings)
+    assert "init/effective_low" not in paths.metrics
+    said = next(f.text for f in paths.findings if f.text.startswith("Fitted"))
+    assert "20 images decomposed instead of 32" in said
+    assert shattered.metrics["points"] == 16 and "model/init/lag1_correlation" not in shattered.metrics
+    assert any("16 points per line instead of 256" in f.text for f in shattered.findings)
+    assert any("4 images attributed instead of 8" in f.text for f in attribution.findings)
+
+
+def test_attributions_internal_batch_is_bounded_by_the_models_size():
+    from resinspect_plugins.attribution import INTERNAL_BATCH_MACS
+
+    # torchvision's resnet50 at 224 px: 12 images per captum batch instead of 256; resnet20 keeps 256
+    assert int(INTERNAL_BATCH_MACS // 4.09e9) == 12 and int(INTERNAL_BATCH_MACS // 40.8e6) > 256
