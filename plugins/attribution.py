@@ -122,20 +122,29 @@ INTERNAL_BATCH_MACS = 5e10
 
 
 def _fitted(ctx, opts: dict[str, Any], s: Section) -> dict[str, Any]:
-    """The options fitted to the model: captum's internal batch bounded by :data:`INTERNAL_BATCH_MACS` (memory;
-    the maps are the same), and the images attributed fitted to the run's ``--compute`` budget (each costs
-    about ``3·(ig_steps + smoothgrad_samples) + 2·curve_steps`` passes of one image). At least 4 images."""
+    """The options fitted to the model: captum's internal batch bounded by :data:`INTERNAL_BATCH_MACS`
+    (memory; the maps are the same); the images attributed fitted to the run's ``--compute`` budget (each
+    about ``3·(ig_steps + smoothgrad_samples) + 2·curve_steps`` passes of one image; at least 4); then the
+    sanity check's images (every map again at every randomisation step; at least 1)."""
     macs = ctx.multiply_adds()
     out = dict(opts, internal_batch_size=min(opts["internal_batch_size"], max(1, int(INTERNAL_BATCH_MACS // macs))))
     want = ctx.test_images(opts["images"])
     plan = ctx.compute_plan(1)
-    got = max(
-        min(want, 4), plan.most(3 * (opts["ig_steps"] + opts["smoothgrad_samples"]) + 2 * opts["curve_steps"], want)
-    )
+    per_image = 3 * (opts["ig_steps"] + opts["smoothgrad_samples"]) + 2 * opts["curve_steps"]
+    got = max(min(want, 4), plan.most(per_image, want))
     if got < want:
         plan.cut(f"{got} images attributed instead of {want}")
-        s.finding(plan.finding(macs, 1) or "", "info")
     out["images"] = got
+    if opts["sanity"]:  # every randomisation step recomputes every map of the sanity images
+        steps = max(1, len(_randomisation_steps(ctx.model)))
+        wanted = min(opts["sanity_images"], got)
+        n = max(1, plan.most(per_image * steps, wanted))
+        if n < wanted:
+            plan.cut(f"the sanity check on {n} image(s) instead of {wanted} ({steps} randomisation steps)")
+        out["sanity_images"] = n
+    said = plan.finding(macs, 1)
+    if said:
+        s.finding(said, "info")
     return out
 
 
