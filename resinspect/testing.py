@@ -257,7 +257,9 @@ def check_contract(
                 f"{' (and the model in train mode)' if first.model.training else ''}",
             )
             tags = _tensorboard_tags(Path(tmp) / "a" / "tb")
-            stray = sorted(t for t in tags if t.split("/")[0] not in (plugin, "train", "dossier"))
+            # core groups: training, the dossier and what resinspect.tbtabs writes for the other tabs
+            core = ("train", "dossier", "hparams", "pr", "run", "custom_scalars__config__")
+            stray = sorted(t for t in tags if t.split("/")[0] not in (plugin, *core))
             _require(not stray, f"{plugin} on {model}: TensorBoard tags outside '{plugin}/': {stray[:5]}")
     with tempfile.TemporaryDirectory(prefix="resinspect-contract-") as tmp:
         twin = _contract_run(plugin, models[0], data, Path(tmp) / "t", options, twin=True)
