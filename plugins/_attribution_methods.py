@@ -8,6 +8,7 @@ to score a method of your own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -87,11 +88,50 @@ def _occlusion(model, x, target, opts, stage=None):
     )
 
 
+def token_grid(tokens: int) -> tuple[int, int, int]:
+    """``(extra, h, w)``: a token stream of ``tokens`` tokens read as ``extra`` leading tokens (a class token,
+    register tokens) followed by an ``h × w`` patch grid, the fewest extra tokens first (at most 8)."""
+    for extra in range(0, min(9, tokens)):
+        side = math.isqrt(tokens - extra)
+        if side * side == tokens - extra and side > 0:
+            return extra, side, side
+    raise ValueError(f"a stream of {tokens} tokens is no square patch grid (after up to 8 leading tokens)")
+
+
 def _gradcam(model, x, target, opts, stage=None):
+    """GradCAM (Selvaraju et al. 2017) at ``stage``'s output: captum's LayerGradCam for feature maps; for a
+    token stream (B, N, D) the same computation over the patch grid — token features weighted by their mean
+    gradient, summed, ReLU — with leading (class) tokens dropped, then upsampled to the image."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    attr = LayerGradCam(model, stage).attribute(x, target=target, relu_attributions=True)
-    return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    probe: dict[str, Any] = {}
+
+    def keep(key: str, value: Any) -> None:  # a forward hook must return None (else it replaces the output)
+        probe.setdefault(key, value)
+
+    handle = stage.register_forward_hook(lambda _m, _i, out: keep("shape", tuple(out.shape)))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        handle.remove()
+    if len(probe["shape"]) != 3:
+        attr = LayerGradCam(model, stage).attribute(x, target=target, relu_attributions=True)
+        return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    handle = stage.register_forward_hook(lambda _m, _i, out: keep("a", out))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            t = torch.as_tensor(target, device=logits.device).reshape(-1)
+            score = logits.gather(1, t.expand(len(logits))[:, None] if len(t) == 1 else t[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, probe["a"])
+    finally:
+        handle.remove()
+    acts = probe["a"].detach()
+    extra, h, w = token_grid(acts.shape[1])
+    weights = grad[:, extra:].mean(1, keepdim=True)
+    cam = torch.relu((weights * acts[:, extra:]).sum(-1)).reshape(len(x), 1, h, w)
+    return torch.nn.functional.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
 
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {

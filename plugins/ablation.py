@@ -282,6 +282,7 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
         m["median_lesion_cost_bn_points"] = statistics.median(regular_recal)
     if skip:
         m["median_skip_removal_cost_points"] = statistics.median(_cost(clean, s) for s in skip)
+    _by_kind(section, blocks, costs, [_cost(clean, s) for s in skip])
 
     k_curve = []
     for k, ls in k_lesions.items():
@@ -428,6 +429,32 @@ def _pairwise(section, blocks, regular, clean, costs, by_lesion, opts) -> None:
         "removing each alone, added up; blue: less; white: they act independently (Veit et al.'s "
         "ensemble view predicts white).",
     )
+
+
+def _by_kind(section, blocks, costs: list[float], skip_costs: list[float]) -> None:
+    """Medians per kind of residual site (a transformer's attention and MLP sites), when there are several."""
+    kinds = sorted({b.kind for b in blocks})
+    if len(kinds) < 2:
+        return
+    m, parts = section.metrics, []
+    for kind in kinds:
+        mine = [i for i, b in enumerate(blocks) if b.kind == kind]
+        m[f"median_lesion_cost_points/{kind}"] = statistics.median(costs[i] for i in mine)
+        text = f"{kind} ({len(mine)}): bypassing costs a median {m[f'median_lesion_cost_points/{kind}']:.1f} points"
+        if skip_costs:
+            m[f"median_skip_removal_cost_points/{kind}"] = statistics.median(skip_costs[i] for i in mine)
+            text += f", removing the skip {m[f'median_skip_removal_cost_points/{kind}']:.1f}"
+        parts.append(text)
+    text = "By kind of residual site: " + "; ".join(parts) + "."
+    if {"attention", "mlp"} <= set(kinds) and skip_costs:
+        a, f = (m[f"median_skip_removal_cost_points/{k}"] for k in ("attention", "mlp"))
+        text += (
+            " Removing an attention skip costs more than removing an MLP skip, as Ji et al. (2025) find."
+            if a > f
+            else " Removing an attention skip does not cost more than removing an MLP skip here, unlike "
+            "Ji et al. (2025)."
+        )
+    section.finding(text)
 
 
 def _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from resinspect import Section, eval_mode, hookimpl, pyplot
+from resinspect import Section, block_module, eval_mode, hookimpl, pyplot
 from resinspect_plugins._curvature import HessianOperator, density, hutchinson, top_eigenvalues
 from resinspect_plugins._landscape import kept
 from resinspect_plugins.landscape import _subset as landscape_subset
@@ -51,9 +51,13 @@ def _subset(ctx, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def block_groups(net: torch.nn.Module, names: list[str]) -> dict[str, list[int]]:
-    """Parameter indices of each named block (a module of ``net``), in the order of ``net.parameters()``."""
-    params = [n for n, p in net.named_parameters() if p.requires_grad]
-    return {b: [i for i, n in enumerate(params) if n.startswith(f"{b}.")] for b in names}
+    """Parameter indices of each named block or residual site, in the order of ``net.parameters()``."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    groups = {}
+    for b in names:
+        own = {id(p) for p in block_module(net, b).parameters()}
+        groups[b] = [i for i, p in enumerate(params) if id(p) in own]
+    return groups
 
 
 def measure(net: torch.nn.Module, batches, blocks: list[str], opts: dict, seed: int) -> dict:
@@ -82,7 +86,16 @@ def resinspect_analyze(ctx):
     blocks = {"model": [b.name for b in ctx.blocks("model")]}
     if ctx.twin is not None:
         blocks["twin"] = [b.name for b, m in ctx.twin_counterparts() if m is not None]
-    results = {role: measure(net, batches, blocks[role], opts, ctx.seed) for role, net in ctx.networks()}
+    try:
+        results = {role: measure(net, batches, blocks[role], opts, ctx.seed) for role, net in ctx.networks()}
+    except RuntimeError as e:
+        if "derivative for" not in str(e):
+            raise
+        # a fused kernel (CPU's scaled-dot-product attention) has no second derivative: no Hessian-vector product
+        first = str(e).strip().splitlines()[0]
+        return s.skip(
+            f"the network has an operation without a second derivative, so no Hessian-vector product ({first})"
+        )
     for role, r in results.items():
         for k, v in enumerate(r["top"]):
             s.metrics[f"{role}/eigenvalue_{k + 1}"] = v

@@ -7,6 +7,7 @@ Binomial(N, 1/2).
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -159,14 +160,25 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
         s.finding(f"Receptive fields could not be measured on a 96×96 probe ({type(e).__name__}).", "info")
     last_in_stage = {b.stage_name: b.name for b in blocks}
     table = []
+    sites = any(b.layer != b.name for b in blocks)  # a layer with several additions: show its sites together
     for b in blocks:
         rf = fields.get(b.stage_name) if last_in_stage[b.stage_name] == b.name else None
-        table.append([b.name, b.stage, b.downsamples, b.shortcut_kind, b.parameters_count(), rf])
+        row = [b.name, b.stage, b.downsamples, b.shortcut_kind, b.parameters_count(), rf]
+        table.append([b.layer, b.kind, *row] if sites else row)
+    columns = ["block", "stage", "downsamples", "shortcut", "parameters", "receptive field at stage output (px)"]
     s.table(
-        "Residual block map",
-        ["block", "stage", "downsamples", "shortcut", "parameters", "receptive field at stage output (px)"],
+        "Residual block map" + (" (residual sites, by layer)" if sites else ""),
+        ["layer", "kind", *columns] if sites else columns,
         table,
     )
+    if sites:
+        kinds = collections.Counter(b.kind for b in blocks)
+        layers = len({b.layer for b in blocks})
+        s.finding(
+            f"{label} adds {n} branches to its stream in {layers} layers: "
+            + ", ".join(f"{c} {k}" for k, c in kinds.items())
+            + " residual sites, each a block of its own in every analysis."
+        )
     for stage, rf in fields.items():
         s.metrics[f"receptive_field/{stage or 'root'}"] = rf
     lo, hi, covered = central_range(n)

@@ -6,7 +6,8 @@ Public API::
     result = resinspect.run(model="resnet20", data="digits", plugins=["ablation"])
 
 and, for plugin authors, everything in ``__all__``: ``hookimpl``, ``Section`` and its parts, ``RunContext``,
-``StashKey``, the residual anatomy (``residual_blocks``, ``ResidualBlock``), the probes (``capture``,
+``StashKey``, the residual anatomy (``residual_blocks``, ``ResidualBlock``, ``block_module``, ``NoHead`` for
+``ctx.head()``), the probes (``capture``,
 ``capture_batches``, ``on_forward``, ``block_vjp``, ``BlockLinearization``, ``gradient_split``,
 ``eval_mode``, the switches ``bypass`` / ``drop_skip`` / ``forwards_replaced``, the type checks) and
 ``pyplot``. A plugin imports only these names (``from resinspect import ...``), built-in plugins included.
@@ -18,6 +19,7 @@ from .anatomy import (
     Blocks,
     NoResidualBlocks,
     ResidualBlock,
+    block_module,
     bypass,
     drop_skip,
     forwards_replaced,  # noqa: E402
@@ -47,6 +49,7 @@ from .probes import (
     is_linear,
     on_forward,
 )
+from .readout import NoHead  # noqa: E402
 from .results import Results  # noqa: E402
 from .runner import RunResult, run  # noqa: E402
 from .section import Figure, Finding, Section, Table, pyplot  # noqa: E402
@@ -79,6 +82,8 @@ __all__ = [
     "Blocks",
     "no_blocks_reason",
     "untraced_note",
+    "block_module",
+    "NoHead",
     "bypass",
     "drop_skip",
     "forwards_replaced",

@@ -38,6 +38,9 @@ __all__ = [
     "restore_forwards",
     "no_blocks_reason",
     "untraced_note",
+    "site_modules",
+    "replace_block_module",
+    "block_module",
 ]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -62,8 +65,12 @@ class ResidualBlock:
     """One residual block: ``y = post(branch(x) + shortcut(x))``.
 
     Attributes:
-        name: qualified module name, e.g. ``"layer2.0"``.
-        module: the block module itself.
+        name: qualified module name, e.g. ``"layer2.0"``; for one of several residual sites of a module,
+            the module's name and the site's kind, e.g. ``"encoder.layers.encoder_layer_0.attention"``.
+        module: the block module itself; for a site, the piece of its module's forward that holds the
+            addition (a :class:`torch.fx.GraphModule` sharing the module's children, called by its forward).
+        layer: the name of the module the block or site belongs to (its ``name`` for a whole-module block).
+        kind: what the branch computes: ``attention``, ``mlp``, ``conv``, or the name of its first module.
         index: position among the model's blocks, in forward order (0-based).
         stage: 1-based stage number (blocks that share a parent container).
         stage_name: the parent container's name (``""`` for the root).
@@ -81,16 +88,19 @@ class ResidualBlock:
         branch_node: fx.Node,
         shortcut_node: fx.Node,
         shortcut_kind: str,
+        layer: str | None = None,
     ):
         self.name = name
         self.module = module
+        self.layer = name if layer is None else layer
         self.index = -1
         self.stage = 0
-        self.stage_name = name.rpartition(".")[0]
+        self.stage_name = self.layer.rpartition(".")[0]
         self.shortcut_kind = shortcut_kind
         self.shortcut_module = shortcut_node.target if shortcut_node.op == "call_module" else None
         self._graph, self._add, self._branch, self._shortcut = graph, add, branch_node, shortcut_node
         self._variants: dict[str, Callable[..., torch.Tensor]] = {}
+        self.kind = _branch_kind(module, self.branch_modules)
         self.downsamples = any(
             (isinstance(m, nn.modules.conv._ConvNd) and max(m.stride) > 1)
             or isinstance(m, (nn.MaxPool2d, nn.AvgPool2d))
@@ -99,7 +109,7 @@ class ResidualBlock:
 
     def __repr__(self) -> str:
         return (
-            f"ResidualBlock({self.name!r}, stage={self.stage}, downsamples={self.downsamples}, "
+            f"ResidualBlock({self.name!r}, kind={self.kind}, stage={self.stage}, downsamples={self.downsamples}, "
             f"shortcut={self.shortcut_kind})"
         )
 
@@ -160,15 +170,20 @@ class _Untraceable(Exception):
     """torch.fx could not trace a module's forward (data-dependent control flow, ...)."""
 
 
-def _find_residual_add(module: nn.Module) -> tuple[fx.Graph, fx.Node, fx.Node, fx.Node, str] | None:
+def _trace(module: nn.Module) -> fx.Graph:
     try:
-        graph = _ChildrenAsLeaves().trace(module)
+        return _ChildrenAsLeaves().trace(module)
     except Exception as e:  # noqa: BLE001 - untraceable forward (data-dependent control flow): not a block we can switch
         first = (str(e).strip().splitlines() or [""])[0]
         raise _Untraceable(f"{type(e).__name__}: {first}" if first else type(e).__name__) from e
+
+
+def _residual_adds(module: nn.Module, graph: fx.Graph) -> list[tuple[fx.Graph, fx.Node, fx.Node, fx.Node, str]]:
+    """Every addition in ``graph`` of the graph's input (or a single module applied to it) to a branch
+    computed from it through at least one module."""
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
-        return None
+        return []
     x = inputs[0]
     found = []
     for node in graph.nodes:
@@ -195,7 +210,204 @@ def _find_residual_add(module: nn.Module) -> tuple[fx.Graph, fx.Node, fx.Node, f
         if x not in _ancestors(f) or not any(n.op == "call_module" for n in _ancestors(f)):
             continue
         found.append((graph, node, f, s, _shortcut_kind(module, s, x) or "identity"))
-    return found[0] if len(found) == 1 else None
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# residual sites: a module whose forward adds several branches to its stream, one after the other (a transformer
+# layer: attention, then MLP) is cut into a chain of pieces, each a GraphModule with at most one addition
+
+
+def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    out = next(n for n in graph.nodes if n.op == "output")
+    roots = [out] + [n for n in graph.nodes if n.op in ("call_function", "call_method") and n.is_impure()]
+    live: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    return live
+
+
+def _cut_ranges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]] | None:
+    """The graph cut at every node all later computation flows through: ``[(start, end, nodes)]`` with ``nodes``
+    the live nodes after ``start`` up to ``end`` (parameters read with get_attr belong to every range that
+    uses them). None when the graph's output is not a single tensor node."""
+    nodes = list(graph.nodes)
+    out = nodes[-1]
+    if out.op != "output" or not isinstance(out.args[0], fx.Node):
+        return None
+    live = _live_nodes(graph)
+    pos = {n: i for i, n in enumerate(nodes)}
+    free = {n for n in nodes if n.op == "get_attr"}
+    cuts, reach = [], -1
+    for n in nodes[:-1]:
+        if n not in live or n in free:
+            continue
+        if reach <= pos[n]:
+            cuts.append(n)
+        users = [pos[u] for u in n.users if u in live and u.op != "output"]
+        reach = max([reach, pos[n], *users])
+    end = out.args[0]
+    if end not in cuts:
+        return None
+    cuts = cuts[: cuts.index(end) + 1]
+    ranges = []
+    for start, stop in zip(cuts, cuts[1:]):
+        inner = [n for n in nodes[pos[start] + 1 : pos[stop] + 1] if n in live and n not in free]
+        ranges.append((start, stop, inner))
+    return ranges
+
+
+def _piece_graph(graph: fx.Graph, start: fx.Node, end: fx.Node, inner: list[fx.Node]) -> fx.Graph:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {start: g.placeholder(str(start.name))}
+
+    def arg(n: fx.Node) -> fx.Node:
+        if n not in env:
+            if n.op != "get_attr":
+                raise KeyError(n)
+            env[n] = g.node_copy(n, arg)
+        return env[n]
+
+    for n in inner:
+        env[n] = g.node_copy(n, arg)
+    g.output(env[end])
+    return g
+
+
+def _pieces(module: nn.Module, graph: fx.Graph) -> list[tuple[bool, fx.Graph]] | None:
+    """``module``'s forward as a chain of pieces ``[(is_site, graph)]`` when it holds two or more residual
+    additions one after the other (each piece's input is the previous one's output), else None."""
+    ranges = _cut_ranges(graph)
+    if ranges is None:
+        return None
+    groups: list[list] = []  # [is_site, start, end, nodes]
+    for start, end, inner in ranges:
+        try:
+            piece = _piece_graph(graph, start, end, inner)
+        except KeyError:
+            return None
+        adds = _residual_adds(module, piece)
+        if len(adds) > 1:
+            return None
+        if adds:
+            groups.append([True, start, end, list(inner)])
+        elif groups:  # what follows an addition is its post (a ReLU, a norm); plain steps join each other
+            groups[-1][2], groups[-1][3] = end, groups[-1][3] + list(inner)
+        else:
+            groups.append([False, start, end, list(inner)])
+    if sum(1 for g in groups if g[0]) < 2:
+        return None
+    return [(site, _piece_graph(graph, start, end, inner)) for site, start, end, inner in groups]
+
+
+def _chained_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a module cut into residual sites: its pieces, one after the other (the same operations in
+    the same order as the module's own forward)."""
+    for piece in self.__dict__["_resinspect_pieces"]:
+        piece.training = self.training  # the pieces are not submodules: model.train()/eval() do not reach them
+        x = piece(x)
+    return x
+
+
+def _mode_independent(module: nn.Module, graph: fx.Graph) -> bool:
+    """Whether the module's traced forward is the same in training and evaluation mode (the chain of pieces
+    replaces its forward in both)."""
+    was = module.training
+    try:
+        module.training = not was
+        other = _trace(module)
+    except _Untraceable:
+        return False
+    finally:
+        module.training = was
+    return graph.python_code("self").src == other.python_code("self").src
+
+
+def _install_sites(module: nn.Module, graph: fx.Graph) -> list[fx.GraphModule] | None:
+    """Cut ``module`` into its residual sites (see :func:`_pieces`) and make its forward call them in turn;
+    returns the pieces (already installed: the same ones again), or None when it is not cut."""
+    installed = module.__dict__.get("_resinspect_pieces")
+    if installed is not None:
+        return installed
+    pieces = _pieces(module, graph)
+    if pieces is None or not _mode_independent(module, graph):
+        return None
+    modules: list[fx.GraphModule] = []
+    labels: list[str | None] = []
+    counts: dict[str, int] = {}
+    for i, (site, g) in enumerate(pieces):
+        gm = fx.GraphModule(module, g, class_name=f"{type(module).__name__}_{'site' if site else 'piece'}{i}")
+        gm.train(module.training)
+        modules.append(gm)
+        label = None
+        if site:
+            kind = _branch_kind(
+                gm, [str(n.target) for n in _ancestors(_residual_adds(gm, gm.graph)[0][2]) if n.op == "call_module"]
+            )
+            n = counts[kind] = counts.get(kind, 0) + 1
+            label = kind if n == 1 else f"{kind}_{n - 1}"
+        labels.append(label)
+    module.__dict__["_resinspect_pieces"] = modules
+    module.__dict__["_resinspect_site_names"] = labels  # the sites' names, kept when a twin drops their skips
+    module.forward = types.MethodType(_chained_forward, module)
+    return modules
+
+
+def block_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of the block or residual site called ``name`` in ``model`` — also in a plain twin, where a
+    site's piece no longer adds anything. Raises AttributeError (as ``get_submodule``) when there is none."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        layer, _, label = name.rpartition(".")
+        owner = model.get_submodule(layer) if layer else model
+        labels = owner.__dict__.get("_resinspect_site_names") or []
+        if label not in labels:
+            raise
+        return owner.__dict__["_resinspect_pieces"][labels.index(label)]
+
+
+def replace_block_module(model: nn.Module, block: ResidualBlock, new: nn.Module) -> None:
+    """Put ``new`` in the place of ``block.module`` inside ``model`` for good (the plain twin does this): the
+    child of its parent for a whole-module block, the piece of its module's chain for a residual site."""
+    if block.layer != block.name:
+        owner = model.get_submodule(block.layer) if block.layer else model
+        pieces = owner.__dict__["_resinspect_pieces"]
+        pieces[next(i for i, p in enumerate(pieces) if p is block.module)] = new
+        return
+    parent_name, _, child = block.name.rpartition(".")
+    if not child:
+        raise ValueError("the model itself is a single residual block; it has no plain twin")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def site_modules(model: nn.Module) -> list[fx.GraphModule]:
+    """The pieces of every module of ``model`` cut into residual sites (not registered as submodules: they
+    share the module's own children and parameters)."""
+    return [p for m in model.modules() for p in m.__dict__.get("_resinspect_pieces", ())]
+
+
+def _branch_kind(module: nn.Module, names: list[str]) -> str:
+    """``attention``, ``mlp``, ``conv``, or the name of the branch's first module."""
+    subs = [(n, module.get_submodule(n)) for n in names]
+    every = [(f"{n}.{k}" if k else n, m) for n, top in subs for k, m in top.named_modules()]
+
+    def has(*words: str) -> bool:
+        return any(any(w in (name.lower() + " " + type(m).__name__.lower()) for w in words) for name, m in every)
+
+    if any(isinstance(m, nn.MultiheadAttention) for _, m in every) or has("attention", "attn"):
+        return "attention"
+    if has("mlp", "feedforward", "feed_forward", "ffn"):
+        return "mlp"
+    if any(isinstance(m, nn.modules.conv._ConvNd) for _, m in every):
+        return "conv"
+    if any(isinstance(m, nn.Linear) for _, m in every):
+        return "mlp"
+    return names[0].rpartition(".")[2] if names else "branch"
 
 
 def _shortcut_kind(module: nn.Module, node: fx.Node, x: fx.Node) -> str | None:
@@ -318,13 +530,24 @@ def residual_blocks(model: nn.Module) -> Blocks:
         if not list(module.children()) or type(module) in _CONTAINERS:
             continue  # a container's own forward only chains its children: nothing to trace
         try:
-            found = _find_residual_add(module)
+            graph = _trace(module)
         except _Untraceable as e:
             untraced.append((name, type(module).__name__, str(e)))
             continue
-        if found is None:
+        sites = _install_sites(module, graph)
+        if sites is not None:
+            labels = module.__dict__["_resinspect_site_names"]
+            for piece, label in zip(sites, labels):
+                adds = _residual_adds(piece, piece.graph)
+                if label is None or len(adds) != 1:
+                    continue  # a step before the first site, or a site whose skip a twin removed
+                blocks.append(ResidualBlock((f"{name}." if name else "") + label, piece, *adds[0], layer=name))
+            inside.append(name)
             continue
-        blocks.append(ResidualBlock(name, module, *found))
+        found = _residual_adds(module, graph)
+        if len(found) != 1:
+            continue
+        blocks.append(ResidualBlock(name, module, *found[0]))
         inside.append(name)
     stages: dict[str, int] = {}
     for i, b in enumerate(blocks):
@@ -422,6 +645,8 @@ def block_table(blocks: Sequence[ResidualBlock]) -> list[dict[str, object]]:
             "shortcut": b.shortcut_kind,
             "parameters": b.parameters_count(),
             "branch": b.branch_modules,
+            "kind": b.kind,
+            "layer": b.layer,
         }
         for b in blocks
     ]

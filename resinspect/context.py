@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .anatomy import Blocks, ResidualBlock, residual_blocks
+from .anatomy import Blocks, ResidualBlock, block_module, residual_blocks
 from .data import DataBundle
 from .data.bundle import dataset_size
 from .distributed import SINGLE, Distributed
@@ -107,6 +107,7 @@ class RunContext:
     subsampled: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
     _block_cache: dict[str, list[ResidualBlock]] = field(default_factory=dict, repr=False)
     _macs_cache: dict[str, int] = field(default_factory=dict, repr=False)
+    _head_cache: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     # -- options and names ---------------------------------------------------------------------
     def section(self, plugin: str) -> Any:
@@ -148,6 +149,25 @@ class RunContext:
             self._block_cache[role] = residual_blocks(network) if network is not None else Blocks()
         return self._block_cache[role]
 
+    def head(self, role: str = "model") -> nn.Module:
+        """The network's readout: everything its forward computes after the module of its last residual block
+        or site (pooling, normalisation, class token, classifier), as a module sharing the network's own
+        layers, so ``ctx.head()(stream)`` gives the logits for any stream shaped like the last one (the logit
+        lens) and reproduces the model's output exactly for the last stream. Found by tracing, for torchvision
+        CNNs, ViT, Swin, ConvNeXt and user models alike; the twin's head sits after the module of the same
+        name. Raises :class:`~resinspect.readout.NoHead` naming the reason when there is none to separate."""
+        if role not in self._head_cache:
+            from .readout import NoHead, find_head
+
+            blocks = self.blocks("model")
+            if not blocks:
+                raise NoHead(f"{self.model_name} has no residual blocks, so no stream for a head to read")
+            network = dict(self.networks()).get(role)
+            if network is None:
+                raise ResinspectError(f"no network '{role}' in this run; roles: {', '.join(dict(self.networks()))}")
+            self._head_cache[role] = find_head(network, blocks[-1].layer)
+        return self._head_cache[role]
+
     def twin_counterparts(self) -> list[tuple[ResidualBlock, nn.Module | None]]:
         """Each residual block of the model with the twin's module of the same name (None when the twin has
         none, or no twin exists): the layers a plain-vs-residual comparison puts side by side."""
@@ -156,7 +176,7 @@ class RunContext:
             twin_module = None
             if self.twin is not None:
                 try:
-                    twin_module = self.twin.get_submodule(b.name)
+                    twin_module = block_module(self.twin, b.name)
                 except AttributeError:
                     twin_module = None
             out.append((b, twin_module))

@@ -300,12 +300,16 @@ def gradient_split(
 def hooks_left(model: nn.Module) -> list[str]:
     """Modules of ``model`` that still carry a forward/backward hook or a patched ``forward``
     (``"name: kind"`` strings; empty after any well-behaved analysis)."""
+    from .anatomy import _chained_forward, site_modules
+
     found = []
-    for name, m in model.named_modules():
+    pieces = [(f"{type(p).__name__} (a residual site)", p) for p in site_modules(model)]
+    for name, m in [*model.named_modules(), *pieces]:
         for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             if getattr(m, kind, None):
                 found.append(f"{name or '<root>'}: {kind.strip('_')}")
-        if "forward" in m.__dict__:
+        forward = m.__dict__.get("forward")
+        if forward is not None and getattr(forward, "__func__", None) is not _chained_forward:
             found.append(f"{name or '<root>'}: patched forward")
     return found
 

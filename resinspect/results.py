@@ -52,7 +52,8 @@ class RunInfo:
 
 @dataclass
 class PluginResult:
-    """One plugin's outcome: ``status`` ``ok`` or ``failed`` (with the hook, error and traceback)."""
+    """One plugin's outcome: ``status`` ``ok``, ``skipped`` (every section said the analysis does not apply) or
+    ``failed`` (with the hook, error and traceback)."""
 
     status: str = "ok"
     version: str = ""

@@ -199,12 +199,7 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
         torch.manual_seed(s.seed)
         net, label = build_model(s.model, **arch), s.model
     s.model = label
-    twin_net, twin_label = (twin, type(twin).__name__) if isinstance(twin, nn.Module) else (None, None)
-    if s.twin and twin_net is None and pre is not None:
-        # the pretrained network itself with every skip removed: the same weights, no shortcuts
-        twin_net, twin_label = remove_skips(copy.deepcopy(net)), f"plain:{label}"
-    elif s.twin and twin_net is None:
-        twin_net, twin_label = _build_twin(s, label, arch)
+    twin_net, twin_label = _twin_for(s, model, twin, net, label, arch, pre is not None)
     if isinstance(data, (list, tuple)):
         if dist.enabled:
             raise ResinspectError(
@@ -218,6 +213,32 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
     return _Networks(
         bundle, net, label, twin_net, twin_label, train_loader, test_loader, arch, sharded, isinstance(model, nn.Module)
     )
+
+
+def _twin_for(
+    s: RunSettings, model: Any, twin: Any, net: nn.Module, label: str, arch: dict[str, Any], pretrained: bool
+) -> tuple[nn.Module | None, str | None]:
+    """The run's twin: the one given, the model without the skips of one kind (``--twin-kind``), the
+    pretrained network without its skips, or the registered / built plain twin."""
+    if isinstance(twin, nn.Module):
+        return twin, type(twin).__name__
+    if s.twin_kind:
+        s.twin = True
+        if pretrained or isinstance(model, nn.Module) or s.checkpoint:
+            twin_net = copy.deepcopy(net)
+        else:
+            torch.manual_seed(s.seed)
+            twin_net = build_model(label, **arch)
+        try:
+            return remove_skips(twin_net, s.twin_kind), f"plain-{s.twin_kind}:{label}"
+        except ValueError as e:
+            raise ResinspectError(f"--twin-kind {s.twin_kind}: {e}") from None
+    if s.twin and pretrained:
+        # the pretrained network itself with every skip removed: the same weights, no shortcuts
+        return remove_skips(copy.deepcopy(net)), f"plain:{label}"
+    if s.twin:
+        return _build_twin(s, label, arch)
+    return None, None
 
 
 def _load_checkpointed(s: RunSettings, bundle: DataBundle, arch: dict[str, Any]) -> tuple[nn.Module, str]:
@@ -710,8 +731,9 @@ def _tensorboard_tabs(
 
 def _plugin_result(host: PluginHost, name: str, sections: list[Section]) -> PluginResult:
     info, failure = host.available[name], host.failures.get(name)
+    skipped = bool(sections) and all(s.status == "skipped" for s in sections)
     return PluginResult(
-        status="failed" if failure else "ok",
+        status="failed" if failure else "skipped" if skipped else "ok",
         version=info.version,
         description=info.description,
         seconds=host.timings.get(name, 0.0),

@@ -111,7 +111,9 @@ class Section:
             plots them against depth.
         tensorboard_skip: metric names kept out of TensorBoard (they still go to the report and results.json);
             set with ``section.metric(name, value, tensorboard=False)``.
-        plugin, status, error, traceback: filled in by the host.
+        status: ``ok``; ``skipped`` (set with :meth:`skip`) when the analysis does not apply; ``failed`` (set
+            by the host when the plugin raised).
+        plugin, error, traceback: filled in by the host.
     """
 
     title: str
@@ -143,6 +145,15 @@ class Section:
 
     def finding(self, text: str, severity: str = "info") -> None:
         self.findings.append(Finding(text, severity))
+
+    def skip(self, reason: str) -> Section:
+        """Mark the section ``skipped``: the analysis does not apply to this network (a plain network for a
+        measurement of residual blocks, a stream the head cannot read). ``reason`` is one line; it becomes the
+        section's finding, the report shows the section as skipped, and the plugin's status in results.json is
+        ``skipped`` (not ``failed``: nothing went wrong). Returns the section, for ``return s.skip(...)``."""
+        self.status = "skipped"
+        self.findings.append(Finding(f"Skipped: {reason.rstrip('.')}.", "info"))
+        return self
 
     def table(
         self, title: str, columns: list[str], rows: list[list[Any]], caption: str = "", fold: bool | None = None

@@ -128,6 +128,14 @@ SETTINGS: list[Setting] = [
     ),
     Setting("twin", bool, False, "Also train the plain twin (same layers, no shortcuts)."),
     Setting(
+        "twin_kind",
+        str,
+        None,
+        "The twin drops only the skips of this kind of residual site (a transformer's attention or MLP "
+        "skips, Ji et al. 2025), named plain-<kind>:<model>; implies --twin.",
+        choices=("attention", "mlp"),
+    ),
+    Setting(
         "checkpoint",
         Path,
         None,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .anatomy import residual_blocks
+from .anatomy import _chained_forward, residual_blocks, site_modules
 from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
 from .models import build_model
@@ -198,13 +198,20 @@ def hook_count(model: nn.Module) -> int:
         + len(m._forward_pre_hooks)
         + len(m._backward_hooks)
         + len(getattr(m, "_backward_pre_hooks", {}))
-        for m in model.modules()
+        for m in [*model.modules(), *site_modules(model)]
     )
 
 
 def overridden_forwards(model: nn.Module) -> list[str]:
     """Modules whose ``forward`` is patched on the instance (should be empty after any analysis)."""
-    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    patched = [
+        name
+        for name, m in model.named_modules()
+        if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) is not _chained_forward
+    ]
+    return patched + [
+        f"{type(p).__name__} (a residual site's piece)" for p in site_modules(model) if "forward" in p.__dict__
+    ]
 
 
 CONTRACT_MODELS = ("resnet20", "plain20", "torchvision:resnet18")

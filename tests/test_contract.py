@@ -24,6 +24,8 @@ FAST = {
     "landscape": {"resolution": 3, "resolution_1d": 3, "samples": 16},
     "curvature": {"samples": 16, "probes": 2, "top_k": 1, "max_iter": 4},
     "similarity": {"images": 32},
+    "lens": {"samples": 32, "fit_samples": 16, "steps": 3},
+    "rank": {"samples": 8},
 }
 
 
@@ -34,6 +36,13 @@ def test_the_builtins_are_installed():
 @pytest.mark.parametrize("plugin", INSTALLED)
 def test_plugin_contract(plugin):
     check_contract(plugin, options={plugin: FAST[plugin]} if plugin in FAST else None)
+
+
+@pytest.mark.parametrize("plugin", INSTALLED)
+def test_plugin_contract_on_a_transformer(plugin):
+    """The same contract on a small ViT: token streams, two residual sites (attention, MLP) per layer. A plugin
+    that cannot apply says so with a skipped section instead of failing."""
+    check_contract(plugin, models=("vit-tiny-2",), options={plugin: FAST[plugin]} if plugin in FAST else None)
 
 
 def test_the_contract_catches_a_plugin_that_leaves_a_hook(tmp_path):

@@ -137,6 +137,23 @@ MODELS["seed34"] = ModelSpec(
 MODELS["plainseed34"] = ModelSpec("plainseed34", "plain twin of seed34", _seed(False))
 
 
+def _register_vits() -> None:
+    from .vit import vit_tiny
+
+    MODELS["vit-tiny"] = ModelSpec(
+        "vit-tiny",
+        "small pre-norm Vision Transformer (6 layers, width 128, 4 heads, patch 4): attention and MLP sites",
+        vit_tiny(6),
+    )
+    for depth in (2, 4, 8, 12):
+        MODELS[f"vit-tiny-{depth}"] = ModelSpec(
+            f"vit-tiny-{depth}", f"vit-tiny with {depth} layers ({2 * depth} residual sites)", vit_tiny(depth)
+        )
+
+
+_register_vits()
+
+
 def _register_torchvision() -> None:
     from .pretrained import torchvision_builders
 
@@ -225,31 +242,41 @@ def twin_name(name: str) -> str | None:
     return spec.twin if spec else None
 
 
-def remove_skips(model: nn.Module) -> nn.Module:
+BRANCH_KINDS = ("attention", "mlp")
+
+
+def remove_skips(model: nn.Module, kind: str | None = None) -> nn.Module:
     """``model`` with every residual block replaced, in place, by its ``drop_skip`` variant: the same branch
     modules (downsampling blocks keep their strided branch; projection shortcuts are dropped), no addition.
-    Raises ``ValueError`` when the model has no residual block to remove."""
-    from ..anatomy import residual_blocks
+    With ``kind`` (``attention`` or ``mlp``, see :data:`BRANCH_KINDS`), only the skips of the residual sites of
+    that kind go (Ji et al. 2025 remove a transformer's attention skips or its MLP skips).
+    Raises ``ValueError`` when the model has no residual block (of that kind) to remove."""
+    from ..anatomy import no_blocks_reason, replace_block_module, residual_blocks
 
     blocks = residual_blocks(model)
     if not blocks:
-        from ..anatomy import no_blocks_reason
-
         raise ValueError(
             f"{type(model).__name__} has no residual blocks ({no_blocks_reason(blocks)}), so it has no plain twin"
         )
-    for b in blocks:
-        parent_name, _, child = b.name.rpartition(".")
-        if not child:
-            raise ValueError("the model itself is a single residual block; it has no plain twin")
-        parent = model.get_submodule(parent_name) if parent_name else model
+    if kind is not None:
+        found = sorted({b.kind for b in blocks})
+        chosen = [b for b in blocks if b.kind == kind]
+        if not chosen:
+            raise ValueError(
+                f"{type(model).__name__} has no residual sites of kind '{kind}' (its kinds: {', '.join(found)}), "
+                f"so it has no plain-{kind} twin"
+            )
+    for b in chosen if kind is not None else blocks:
         plain = b.graph_module("drop_skip")
         plain.delete_all_unused_submodules()  # the projection shortcut is gone from the twin, not just unused
-        setattr(parent, child, plain)
+        replace_block_module(model, b, plain)
     return model
 
 
-def plain_twin_of(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+def plain_twin_of(
+    name: str, in_channels: int = 3, num_classes: int = 10, image_size: int | None = None, kind: str | None = None
+) -> nn.Module:
     """The plain twin of any model whose residual blocks are found: the same architecture, built (and so
-    initialised, under the caller's seed) as ``build_model(name)`` builds it, with every skip removed."""
-    return remove_skips(build_model(name, in_channels, num_classes, image_size))
+    initialised, under the caller's seed) as ``build_model(name)`` builds it, with every skip removed (or only
+    those of the sites of ``kind``)."""
+    return remove_skips(build_model(name, in_channels, num_classes, image_size), kind)

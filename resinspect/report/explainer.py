@@ -14,6 +14,9 @@ ANCHORS = (
     "explainer-spectra",
     "explainer-landscape",
     "explainer-sanity",
+    "explainer-streams",
+    "explainer-lens",
+    "explainer-rank",
 )
 
 EXPLAINER_HTML = """
@@ -99,4 +102,21 @@ that some methods produce nearly the same maps for a random network, like an edg
 Faithfulness tests (delete the most-attributed pixels first: does the prediction collapse?) and, where
 object masks are known, localisation tests complete the picture. The long version of this explainer is
 <code>docs/residual-learning.md</code>.</p>
+
+<p id="explainer-streams"><strong>Residual streams.</strong> A transformer layer adds two branches to one
+stream, attention and then an MLP: <math><mi>x</mi><mo>←</mo><mi>x</mi><mo>+</mo><mi>A</mi><mo>(</mo><mi>x</mi><mo>)</mo></math>,
+<math><mi>x</mi><mo>←</mo><mi>x</mi><mo>+</mo><mi>M</mi><mo>(</mo><mi>x</mi><mo>)</mo></math>. Each addition is a
+<em>residual site</em> of its own, with its own lesion, its own skip to remove and its own row in every table.
+Removing the attention skips is expected to hurt far more than removing the MLP skips (Ji et al. 2025).</p>
+
+<p id="explainer-lens"><strong>Reading the stream.</strong> Because every block writes into the same stream,
+the network's own head can read it early: the logit lens (nostalgebraist 2020) applies the head to an
+intermediate stream, the tuned lens (Belrose et al. 2023) first maps it with a fitted affine translator.
+If residual blocks refine a prediction step by step (Jastrzebski et al. 2018), the readouts approach the final
+output gradually; a plain network's layers owe the head nothing until the end.</p>
+
+<p id="explainer-rank"><strong>Rank collapse.</strong> Self-attention averages tokens: stacked without skips it
+drives every token to the same vector, doubly exponentially fast in depth (Dong et al. 2021). The relative
+residual <math><mo>‖</mo><mi>X</mi><mo>−</mo><mn>1</mn><msup><mover><mi>x</mi><mo>¯</mo></mover><mi>T</mi></msup><mo>‖</mo><mo>/</mo><mo>‖</mo><mi>X</mi><mo>‖</mo></math>
+of the token matrix measures it; skip connections keep it away from zero.</p>
 """
