@@ -123,7 +123,7 @@ def translatable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
 
 
 @contextmanager
-def _streams(points: list[tuple[str, nn.Module, str]]) -> Iterator[dict[str, torch.Tensor]]:
+def stream_hooks(points: list[tuple[str, nn.Module, str]]) -> Iterator[dict[str, torch.Tensor]]:
     """Forward hooks keeping each point's stream (a module's first input or its output) of the last call."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
@@ -182,7 +182,7 @@ def _collect(ctx, net: nn.Module, points, images: int) -> tuple[dict[str, torch.
     """Streams at every point, final logits and labels of ``images`` training images."""
     streams: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in points}
     logits, labels = [], []
-    with _streams(points) as seen:
+    with stream_hooks(points) as seen:
         for x, y in ctx.train_batches(images):
             logits.append(net(x).detach())
             labels.append(y)
@@ -213,7 +213,7 @@ def read_network(ctx, role: str, opts: dict) -> dict:
         del train_streams
         _fit(jobs, head, opts)
         sums: dict[str, float] = {"n": 0.0, "final_correct": 0.0, "final_ce": 0.0}
-        with _streams(points) as seen:
+        with stream_hooks(points) as seen:
             for x, y in ctx.shard(ctx.test_batches(ctx.test_images(opts["samples"]))):
                 out = net(x)
                 logp_final = torch.log_softmax(out.double(), -1)
@@ -374,16 +374,22 @@ def _findings(s: Section, ctx, results: dict, converged: dict, tol: float) -> No
         mine = converged[("model", kind)]
         read = model["read"][kind]
         first = converged_from(model["points"], read, model["final_accuracy"], tol)
-        where = f"from {first} on ({mine:.0%} of the way through)" if first else "at no point before the end"
+        where = f"from {first} on ({mine:.0%} of the way through)" if first else "at no point"
         text = (
             f"{label.capitalize()}: {ctx.model_name}'s readout is within {tol:g} points of its final accuracy {where}"
         )
-        if ("twin", kind) in converged and "twin" in results:
+        twin_at_chance = "twin" in results and results["twin"]["final_accuracy"] <= chance + tol
+        if twin_at_chance:
+            text += (
+                f"; the plain twin {ctx.label('twin')} is at chance level ({results['twin']['final_accuracy']:.1f}%), "
+                "so its readouts agree with an output that says nothing: no comparison."
+            )
+        elif ("twin", kind) in converged and "twin" in results:
             twin = converged[("twin", kind)]
             t_first = converged_from(
                 results["twin"]["points"], results["twin"]["read"][kind], results["twin"]["final_accuracy"], tol
             )
-            t_where = f"from {t_first} on ({twin:.0%})" if t_first else "at no point before the end"
+            t_where = f"from {t_first} on ({twin:.0%})" if t_first else "at no point"
             text += f"; the plain twin {ctx.label('twin')}'s {t_where}."
             if mine is not None and (twin is None or mine < twin):
                 text += (

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, block_module, bypass, drop_skip, eval_mode, hookimpl, no_blocks_reason, pyplot
+from resinspect_plugins.lens import points_of, stream_hooks
 
 NAME = "rank"
 
@@ -81,48 +82,23 @@ def measures(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _points(ctx, role: str) -> list[tuple[str, nn.Module, str]]:
-    pairs = [(b.name, b.module) for b in ctx.blocks("model")] if role == "model" else ctx.twin_counterparts()
-    pairs = [(getattr(b, "name", b), m) for b, m in pairs if m is not None]
-    if not pairs:
-        return []
-    return [("input", pairs[0][1], "input")] + [(name, m, "output") for name, m in pairs]
-
-
 def measure_network(ctx, net: nn.Module, points, images: int, max_tokens: int) -> dict[str, dict[str, float]]:
     """Mean of every measure at every point over ``images`` test images (sums all-reduced across ranks)."""
     sums: dict[str, float] = {}
-    handles = []
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name, where):
-        def fn(_m, inputs, output):
-            value = inputs[0] if where == "input" else output
-            if isinstance(value, torch.Tensor):
-                seen[name] = value.detach()
-
-        return fn
-
-    try:
-        for name, module, where in points:
-            handles.append(module.register_forward_hook(hook(name, where)))
-        with eval_mode(net), torch.no_grad():
-            for x, _ in ctx.shard(ctx.test_batches(images)):
-                seen.clear()
-                net(x)
-                for name, _, _ in points:
-                    if name not in seen or seen[name].dim() not in (3, 4):
-                        continue
-                    t = token_matrix(seen[name])
-                    if t.shape[1] > max_tokens:
-                        t = t[:, :: math.ceil(t.shape[1] / max_tokens)]
-                    for key, v in measures(t).items():
-                        sums[f"{name}|{key}"] = sums.get(f"{name}|{key}", 0.0) + float(v.sum())
-                    sums[f"{name}|n"] = sums.get(f"{name}|n", 0.0) + len(t)
-                    sums[f"{name}|tokens"] = float(t.shape[1])
-    finally:
-        for h in handles:
-            h.remove()
+    with stream_hooks(points) as seen, eval_mode(net), torch.no_grad():
+        for x, _ in ctx.shard(ctx.test_batches(images)):
+            seen.clear()
+            net(x)
+            for name, _, _ in points:
+                if name not in seen or seen[name].dim() not in (3, 4):
+                    continue
+                t = token_matrix(seen[name])
+                if t.shape[1] > max_tokens:
+                    t = t[:, :: math.ceil(t.shape[1] / max_tokens)]
+                for key, v in measures(t).items():
+                    sums[f"{name}|{key}"] = sums.get(f"{name}|{key}", 0.0) + float(v.sum())
+                sums[f"{name}|n"] = sums.get(f"{name}|n", 0.0) + len(t)
+                sums[f"{name}|tokens"] = float(t.shape[1])
     sums = ctx.all_reduce(sums)
     out: dict[str, dict[str, float]] = {}
     for name, _, _ in points:
@@ -166,10 +142,8 @@ def resinspect_analyze(ctx) -> Section:
         for role, net in nets.items():
             if net is None:
                 continue
-            points = _points(ctx, role)
-            if role != "model":
-                # the twin's modules are found by name in the twin itself (the initial copy is another object)
-                points = _rebind(ctx, net, points, role)
+            # the modules are found by name in the network measured (the initial copy is another object)
+            points = _rebind(ctx, net, points_of(ctx, role), role)
             if points:
                 results[state][role] = measure_network(ctx, net, points, images, opts["max_tokens"])
         if attention:
