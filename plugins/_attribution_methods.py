@@ -101,7 +101,8 @@ def token_grid(tokens: int) -> tuple[int, int, int]:
 def _gradcam(model, x, target, opts, stage=None):
     """GradCAM (Selvaraju et al. 2017) at ``stage``'s output: captum's LayerGradCam for feature maps; for a
     token stream (B, N, D) the same computation over the patch grid — token features weighted by their mean
-    gradient, summed, ReLU — with leading (class) tokens dropped, then upsampled to the image."""
+    gradient, summed, ReLU — with leading (class) tokens dropped, then upsampled to the image, on the stream
+    entering the stage's last layer (the last stream reaches a ViT's head through the class token only)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     probe: dict[str, Any] = {}
@@ -118,7 +119,16 @@ def _gradcam(model, x, target, opts, stage=None):
     if len(probe["shape"]) != 3:
         attr = LayerGradCam(model, stage).attribute(x, target=target, relu_attributions=True)
         return LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
-    handle = stage.register_forward_hook(lambda _m, _i, out: keep("a", out))
+    # a ViT's last stream reaches the head through the class token alone (no gradient at the patch tokens):
+    # read the stream entering the stage's last layer instead, as pytorch-grad-cam's ViT recipe does
+    from resinspect import residual_blocks
+
+    inside = [b for b in residual_blocks(model) if b.stage_name and model.get_submodule(b.stage_name) is stage]
+    layer = model.get_submodule(inside[-1].layer) if inside else stage
+    if inside:
+        handle = layer.register_forward_hook(lambda _m, inputs, _o: keep("a", inputs[0]))
+    else:
+        handle = stage.register_forward_hook(lambda _m, _i, out: keep("a", out))
     try:
         with torch.enable_grad():
             logits = model(x)
@@ -134,6 +144,64 @@ def _gradcam(model, x, target, opts, stage=None):
     return torch.nn.functional.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules whose weights attention rollout reads: ``nn.MultiheadAttention`` (asked for
+    its weights through a keyword pre-hook) and modules with a ``keep_weights`` switch and ``last_weights``
+    (resinspect's vit-tiny)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention) or (hasattr(m, "keep_weights") and hasattr(m, "last_weights"))
+    ]
+
+
+def _rollout(model, x, target, opts, stage=None):
+    """Attention rollout (Abnar & Zuidema 2020): each layer's attention averaged over heads, mixed with the
+    identity for the residual stream (½A + ½I, rows renormalised), multiplied through the layers in call order;
+    the class token's row over the patch grid is the map (the mean row when there is no leading token). It does
+    not depend on the target class."""
+    weights: list[torch.Tensor] = []
+    handles: list[Any] = []
+    switched: list[tuple[Any, bool]] = []
+
+    def ask(_m, args, kwargs):
+        return args, {**kwargs, "need_weights": True, "average_attn_weights": True}
+
+    def keep(m, _i, out):
+        if isinstance(m, nn.MultiheadAttention):
+            weights.append(out[1].detach())
+        else:
+            weights.append(m.last_weights.mean(1))
+
+    try:
+        for m in attention_modules(model):
+            if isinstance(m, nn.MultiheadAttention):
+                handles.append(m.register_forward_pre_hook(ask, with_kwargs=True))
+            else:
+                switched.append((m, bool(m.keep_weights)))
+                m.keep_weights = True  # type: ignore[assignment]
+            handles.append(m.register_forward_hook(keep))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, was in switched:
+            m.keep_weights = was
+    if not weights:
+        raise ValueError("attention rollout needs self-attention modules, and this model calls none")
+    n = weights[0].shape[-1]
+    eye = torch.eye(n, device=x.device, dtype=torch.float64)
+    rollout = eye.expand(len(x), n, n)
+    for a in weights:
+        a = 0.5 * a.double() + 0.5 * eye
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    extra, side, _ = token_grid(n)
+    row = rollout[:, 0, extra:] if extra else rollout.mean(1)
+    cam = row.reshape(len(x), 1, side, side).float()
+    return torch.nn.functional.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+
+
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "saliency": _saliency,
     "integrated_gradients": _integrated_gradients,
@@ -141,6 +209,7 @@ METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "gradient_shap": _gradient_shap,
     "occlusion": _occlusion,
     "gradcam": _gradcam,
+    "attention_rollout": _rollout,
 }
 
 
@@ -160,9 +229,12 @@ def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def method_names(model: nn.Module, requested: list[str]) -> list[tuple[str, str, Any]]:
-    """``[(display name, method key, stage module or None)]``; ``gradcam`` expands to one entry per stage."""
+    """``[(display name, method key, stage module or None)]``; ``gradcam`` expands to one entry per stage;
+    ``attention_rollout`` is left out for a model without self-attention."""
     out: list[tuple[str, str, Any]] = []
     for key in requested:
+        if key == "attention_rollout" and not attention_modules(model):
+            continue
         if key == "gradcam":
             out += [(f"gradcam:{name}", key, mod) for name, mod in stage_modules(model).items()]
         else:

@@ -15,7 +15,7 @@ from resinspect_plugins._attribution_methods import METHODS, attribute, method_n
 from resinspect_plugins._attribution_scores import deletion_insertion, mask_share, pointing_game, spearman
 
 NAME = "attribution"
-DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam"]
+DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "attention_rollout"]
 
 EXPLANATION = """\
 Attribution maps say which input pixels a prediction depends on, for the predicted class. They are computed \
@@ -39,7 +39,8 @@ def resinspect_addoptions(options):
         "methods",
         list,
         DEFAULT_METHODS,
-        "attribution methods to run (gradcam: one map per residual stage)",
+        "attribution methods to run (gradcam: one map per residual stage; attention_rollout: only for models "
+        "with self-attention)",
         choices=list(METHODS),
         check=lambda v: "name at least one method" if not v else None,
     )

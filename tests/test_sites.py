@@ -341,9 +341,10 @@ def test_gradcam_reads_a_token_stream_as_its_patch_grid():
     model = build_model("vit-tiny-2", 3, 5, 32).eval()
     x = torch.randn(2, 3, 32, 32)
     cam = _gradcam(model, x, torch.tensor([1, 3]), {}, stage=model.layers)
-    # by hand: token features weighted by their mean gradient over the 64 patch tokens, ReLU, upsampled
+    # by hand, on the stream entering the last layer: token features weighted by their mean gradient over the
+    # 64 patch tokens, ReLU, upsampled
     seen = {}
-    handle = model.layers.register_forward_hook(lambda m, i, o: seen.update(a=o))
+    handle = model.layers[-1].register_forward_hook(lambda m, i, o: seen.update(a=i[0]))
     a = None
     try:
         logits = model(x)
@@ -353,4 +354,47 @@ def test_gradcam_reads_a_token_stream_as_its_patch_grid():
         handle.remove()
     want = torch.relu((g[:, 1:].mean(1, keepdim=True) * a[:, 1:]).sum(-1)).reshape(2, 1, 8, 8).detach()
     want = torch.nn.functional.interpolate(want, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(cam, want, atol=1e-6)
+    assert torch.allclose(cam, want, atol=1e-6) and cam.abs().sum() > 0
+
+
+def test_attention_rollout_by_hand_and_for_uniform_attention():
+    from resinspect_plugins._attribution_methods import _rollout, method_names
+
+    torch.manual_seed(0)
+    model = build_model("vit-tiny-2", 3, 5, 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    got = _rollout(model, x, None, {})
+    weights = []
+    for layer in model.layers:
+        layer.attn.keep_weights = True
+    with torch.no_grad():
+        model(x)
+    for layer in model.layers:
+        weights.append(layer.attn.last_weights.mean(1).double())
+        layer.attn.keep_weights = False
+    eye = torch.eye(65, dtype=torch.float64)
+    r = eye
+    for a in weights:
+        a = 0.5 * a + 0.5 * eye
+        r = (a / a.sum(-1, keepdim=True)) @ r
+    want = torch.nn.functional.interpolate(r[:, 0, 1:].reshape(2, 1, 8, 8).float(), size=(32, 32), mode="bilinear")
+    assert torch.allclose(got, want[:, 0], atol=1e-6)
+    with torch.no_grad():  # no query/key: every token attends to all equally, and no patch stands out
+        for layer in model.layers:
+            layer.attn.qkv.weight.zero_()
+            layer.attn.qkv.bias.zero_()
+    flat = _rollout(model, x, None, {})
+    assert torch.allclose(flat, flat[:, :1, :1].expand_as(flat), atol=1e-7)
+    # offered only where there is attention
+    assert [k for _, k, _ in method_names(model, ["attention_rollout"])] == ["attention_rollout"]
+    assert method_names(build_model("resnet8"), ["attention_rollout"]) == []
+
+
+def test_attention_rollout_reads_torchvision_multihead_attention():
+    from resinspect_plugins._attribution_methods import _rollout
+
+    torch.manual_seed(0)
+    model = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5).eval()
+    maps = _rollout(model, torch.randn(2, 3, 32, 32), None, {})
+    assert maps.shape == (2, 32, 32) and torch.isfinite(maps).all() and (maps > 0).all()
+    assert hook_count(model) == 0
