@@ -231,31 +231,35 @@ def _report(s: Section, ctx, results: dict, blocks) -> None:
 
 
 def _findings(s: Section, ctx, results: dict, label: dict) -> None:
-    state = "init" if "init" in results else "trained"
-    when = "at initialisation" if state == "init" else "as analysed"
-    got = results[state]
-    if "model" not in got or not got["model"]:
-        return
-    last = {v: list(p.values())[-1]["residual"] for v, p in got.items() if p}
-    first = {v: list(p.values())[0]["residual"] for v, p in got.items() if p}
-    parts = [f"{label[v]} {first[v]:.3f} → {last[v]:.3f}" for v in last]
-    text = f"Relative residual from the first to the last point {when}: " + "; ".join(parts) + "."
-    if "pure_attention" in last:
-        collapsed = last["pure_attention"] < 0.5 * first["pure_attention"]
-        kept = last["model"] >= 0.5 * first["model"]
-        if collapsed and kept:
-            text += (
-                " The pure-attention path collapses towards rank one and the skips prevent it, as Dong et al. "
-                "(2021) predict."
-            )
-        else:
-            text += (
-                " Dong et al.'s rank collapse of pure attention does not show here "
+    texts, verdict = [], None
+    for state in ("init", "trained"):
+        got = results.get(state, {})
+        if not got.get("model"):
+            continue
+        when = "at initialisation" if state == "init" else ("trained" if ctx.trained else "as analysed")
+        last = {v: list(p.values())[-1]["residual"] for v, p in got.items() if p}
+        first = {v: list(p.values())[0]["residual"] for v, p in got.items() if p}
+        texts.append(f"{when}: " + "; ".join(f"{label[v]} {first[v]:.3f} → {last[v]:.3f}" for v in last))
+        if "pure_attention" in last and verdict is None:
+            collapsed = last["pure_attention"] < 0.5 * first["pure_attention"]
+            kept = last["model"] >= 0.5 * first["model"]
+            verdict = (
+                f" {when.capitalize()}, the pure-attention path collapses towards rank one and the skips prevent it, "
+                "as Dong et al. (2021) predict."
+                if collapsed and kept
+                else f" Dong et al.'s rank collapse of pure attention does not show {when} "
                 f"(pure attention {'collapses' if collapsed else 'keeps its rank'}, the model "
                 f"{'keeps' if kept else 'loses'} it)."
             )
-    s.finding(text)
-    if "twin" in got and got["twin"]:
+    if not texts:
+        return
+    s.finding(
+        "Relative residual from the first to the last point of the stream, " + "; ".join(texts) + "." + (verdict or "")
+    )
+    state = "init" if "init" in results else "trained"
+    got = results[state]
+    if got.get("twin") and got.get("model"):
+        when = "at initialisation" if state == "init" else "as analysed"
         m, t = list(got["model"].values())[-1], list(got["twin"].values())[-1]
         s.finding(
             f"Effective rank of the last stream {when}: {m['effective_rank']:.1f} for {label['model']}, "

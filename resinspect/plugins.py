@@ -45,6 +45,7 @@ DEFAULT_PLUGINS = (
     "similarity",
     "spectra",
     "attribution",
+    "rank",
 )
 TRACE_ENV = "RESINSPECT_TRACE_PLUGINS"
 
