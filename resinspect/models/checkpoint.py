@@ -165,21 +165,36 @@ def load_checkpoint(
     return model, payload
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+def state_dict_mismatch(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    shown: int = 3,
+    labels: tuple[str, str, str] = ("missing keys", "unexpected keys", "shape mismatch"),
+    versus: str = "vs",
+    more: str = " (+{} more)",
+) -> str:
+    """What keeps ``state`` from loading into ``model`` strictly, in one line ("" when nothing): the missing,
+    unexpected and wrongly shaped keys, ``shown`` of each (``labels`` name the three kinds, ``versus`` sits
+    between the file's shape and the model's, ``more`` says how many were not shown)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        f"{k} {tuple(state[k].shape)} {versus} {tuple(own[k].shape)}"
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
     problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+    for label, items in zip(labels, (missing, unexpected, shapes)):
         if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+            rest = more.format(len(items) - shown) if len(items) > shown else ""
+            problems.append(f"{label}: {', '.join(items[:shown])}{rest}")
+    return "; ".join(problems)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    problems = state_dict_mismatch(model, state)
     if problems:
-        return "; ".join(problems)
+        return problems
     model.load_state_dict(state)
     return ""

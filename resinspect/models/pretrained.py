@@ -281,21 +281,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(sd)`` with every key and shape checked first: a mismatch is one message
     listing the missing, unexpected and wrongly shaped keys (five of each, and how many)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs the model's {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-        if items:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            problems.append(f"{what}: {', '.join(items[:5])}{more}")
+    from .checkpoint import state_dict_mismatch
+
+    problems = state_dict_mismatch(
+        model, sd, 5, ("missing", "unexpected", "wrong shape"), versus="vs the model's", more=" and {} more"
+    )
     if problems:
-        raise CheckpointError(f"weights {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+        raise CheckpointError(f"weights {source} do not fit {type(model).__name__}: " + problems)
+    own = model.state_dict()
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
 
 
