@@ -488,11 +488,12 @@ def aggregate(root: Path, runs: Sequence[SweepRun]) -> dict[str, Any]:
     labels: dict[str, dict[int, list[str]]] = {"residual": {}, "plain": {}}
     keys: dict[str, list[str]] = {}
     model_order = list(dict.fromkeys(r.model for r in runs))
-    epochs = 0
+    epochs, classes = 0, 0
     for r in runs:
         if r.status not in _DONE:
             continue
         res = Results.read(root / r.path)
+        classes = max(classes, int(res.data.get("num_classes") or 0))
         depth = model_depth(r.model)
         depth = depth if depth is not None else model_order.index(r.model) + 1
         residual = bool(res.model.get("residual_blocks"))
@@ -517,15 +518,17 @@ def aggregate(root: Path, runs: Sequence[SweepRun]) -> dict[str, Any]:
         "labels": {f: {str(d): n for d, n in sorted(v.items())} for f, v in labels.items() if v},
         "key_metrics": keys,
         "epochs": epochs,
-        "findings": degradation_findings(families, labels),
+        "findings": degradation_findings(families, labels, classes),
     }
 
 
 def degradation_findings(
-    families: dict[str, dict[str, dict[str, Any]]], labels: dict[str, Any]
+    families: dict[str, dict[str, dict[str, Any]]], labels: dict[str, Any], classes: int = 0
 ) -> list[dict[str, str]]:
-    """Does the plain family degrade with depth (He et al. 2016), does the residual one not, by how much."""
+    """Does the plain family degrade with depth (He et al. 2016), does the residual one not, by how much.
+    ``classes``: the dataset's class count, to tell a family at chance at every depth (nothing to degrade)."""
     out: list[dict[str, str]] = []
+    chance_error = 1 - 1 / classes if classes > 1 else None
     change: dict[str, tuple[float, float | None]] = {}
     for family in ("plain", "residual"):
         by_depth = {int(d): v for d, v in families.get(family, {}).items() if "test_error" in v}
@@ -559,6 +562,18 @@ def degradation_findings(
                             if tr and tdelta > 0
                             else ""
                         ),
+                    }
+                )
+            elif chance_error is not None and all(
+                v["test_error"]["mean"] >= chance_error - 0.02 for v in by_depth.values()
+            ):
+                out.append(
+                    {
+                        "severity": "warning",
+                        "text": f"The plain networks learned nothing at any depth: {words} — chance-level error is "
+                        f"{chance_error:.1%} with {classes} classes. Depth cannot degrade them further, so this "
+                        "sweep cannot show the degradation problem; the shortcuts are what lets the network train "
+                        "at all.",
                     }
                 )
             else:

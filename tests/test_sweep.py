@@ -268,3 +268,17 @@ def test_report_command_re_renders_a_sweep(swept, tmp_path):
     r = CliRunner().invoke(main, ["report", str(copy)])
     assert r.exit_code == 0, r.output
     assert (copy / "index.html").read_text() == original.replace(str(root), str(copy))
+
+
+def test_a_plain_family_at_chance_at_every_depth_is_not_called_undegraded():
+    from resinspect.sweep import degradation_findings
+
+    def at(err):
+        return {"test_error": {"mean": err, "std": 0.0, "n": 1, "values": [err]}}
+
+    families = {"plain": {"4": at(0.80), "12": at(0.80)}, "residual": {"4": at(0.35), "12": at(0.377)}}
+    found = degradation_findings(families, {}, classes=5)
+    assert found[0]["severity"] == "warning"
+    assert "learned nothing at any depth" in found[0]["text"] and "80.0% with 5 classes" in found[0]["text"]
+    # with 10 classes, 80% error is above chance (90%): the ordinary "no clear degradation" finding
+    assert "no clear degradation" in degradation_findings(families, {}, classes=10)[0]["text"]
