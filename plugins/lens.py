@@ -205,11 +205,13 @@ def read_network(ctx, role: str, opts: dict) -> dict:
         soft = torch.softmax(train_logits.double(), -1).float()
         read = tokens_read(head, train_streams[points[-1][0]])
         jobs = []
-        for kind, target, wanted in (("tuned", soft, opts["tuned"]), ("probe", train_labels, opts["probe"])):
-            for name, _, _ in points:
-                if wanted and translatable(shapes[name], final_shape):
-                    t = lenses[kind][name] = Translator(shapes[name], final_shape, read).to(train_logits.device)
-                    jobs.append((t, t.prepare(train_streams[name]), target))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)  # the same translators in every process (and run), the global RNG untouched
+            for kind, target, wanted in (("tuned", soft, opts["tuned"]), ("probe", train_labels, opts["probe"])):
+                for name, _, _ in points:
+                    if wanted and translatable(shapes[name], final_shape):
+                        t = lenses[kind][name] = Translator(shapes[name], final_shape, read).to(train_logits.device)
+                        jobs.append((t, t.prepare(train_streams[name]), target))
         del train_streams
         _fit(jobs, head, opts)
         sums: dict[str, float] = {"n": 0.0, "final_correct": 0.0, "final_ce": 0.0}

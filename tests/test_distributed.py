@@ -80,10 +80,11 @@ def _numbers(results: Results) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_give_the_results_of_one(checkpoint, tmp_path):
-    plugins = f"summary,ablation,activations,similarity,attribution,spectra,landscape,{BLOCKGAIN}"
+    plugins = f"summary,ablation,activations,similarity,attribution,spectra,landscape,lens,rank,{BLOCKGAIN}"
     common = ["run", "--checkpoint", str(checkpoint), "--epochs", "0", "--twin", "--plugins", plugins, *DATA, "-q",
               "-o", "attribution.images=32", "-o", "attribution.sanity_images=8", "-o", "landscape.resolution=5",
-              "-o", "landscape.resolution_1d=7", "-o", "landscape.samples=64"]
+              "-o", "landscape.resolution_1d=7", "-o", "landscape.samples=64", "-o", "lens.steps=10",
+              "-o", "lens.fit_samples=64"]
     one, _ = _cli(common + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     assert not torch.distributed.is_initialized()  # (and the 1-process run above never imported a group)
