@@ -522,6 +522,34 @@ def aggregate(root: Path, runs: Sequence[SweepRun]) -> dict[str, Any]:
     }
 
 
+def _plain_finding(
+    words: str, tr: str, train_rises: Any, delta: float, margin: float, chance_error: float | None, classes: int
+) -> dict[str, str]:
+    """The plain family's finding: it degrades, it is at chance at every depth (``chance_error`` given), or it
+    shows no clear degradation."""
+    if delta > margin:
+        why = (
+            "Training error rises too, so it is not overfitting: the degradation problem of He et al. 2016."
+            if train_rises
+            else ""
+        )
+        return {"severity": "info", "text": f"The plain networks degrade with depth: {words}{tr}. {why}"}
+    if chance_error is not None:
+        return {
+            "severity": "warning",
+            "text": f"The plain networks learned nothing at any depth: {words} — chance-level error is "
+            f"{chance_error:.1%} with {classes} classes. Depth cannot degrade them further, so this sweep cannot "
+            "show the degradation problem; the shortcuts are what lets the network train at all.",
+        }
+    return {
+        "severity": "info",
+        "text": "The plain networks show no clear degradation with depth in "
+        f"this sweep (a rise of more than {margin:.1f} points): {words}{tr}. He et al. 2016 saw it "
+        "from 20 to 56 layers on CIFAR-10 after 64 000 iterations; it may need deeper networks or longer "
+        "training here.",
+    }
+
+
 def degradation_findings(
     families: dict[str, dict[str, dict[str, Any]]], labels: dict[str, Any], classes: int = 0
 ) -> list[dict[str, str]]:
@@ -551,41 +579,14 @@ def degradation_findings(
             tdelta = (by_depth[hi]["train_error"]["mean"] - by_depth[lo]["train_error"]["mean"]) * 100
             tr = f"; training error {tdelta:+.1f} points"
         if family == "plain":
-            if delta > margin:
-                out.append(
-                    {
-                        "severity": "info",
-                        "text": f"The plain networks degrade with depth: {words}{tr}. "
-                        + (
-                            "Training error rises too, so it is not overfitting: the degradation problem of He "
-                            "et al. 2016."
-                            if tr and tdelta > 0
-                            else ""
-                        ),
-                    }
-                )
-            elif chance_error is not None and all(
+            at_chance = chance_error is not None and all(
                 v["test_error"]["mean"] >= chance_error - 0.02 for v in by_depth.values()
-            ):
-                out.append(
-                    {
-                        "severity": "warning",
-                        "text": f"The plain networks learned nothing at any depth: {words} — chance-level error is "
-                        f"{chance_error:.1%} with {classes} classes. Depth cannot degrade them further, so this "
-                        "sweep cannot show the degradation problem; the shortcuts are what lets the network train "
-                        "at all.",
-                    }
+            )
+            out.append(
+                _plain_finding(
+                    words, tr, tr and tdelta > 0, delta, margin, chance_error if at_chance else None, classes
                 )
-            else:
-                out.append(
-                    {
-                        "severity": "info",
-                        "text": "The plain networks show no clear degradation with depth in "
-                        f"this sweep (a rise of more than {margin:.1f} points): {words}{tr}. He et al. 2016 saw it "
-                        "from 20 to 56 layers on CIFAR-10 after 64 000 "
-                        "iterations; it may need deeper networks or longer training here.",
-                    }
-                )
+            )
         else:
             if delta > margin:
                 why = (
