@@ -5,7 +5,7 @@ model and its plain twin."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resinspect import NoHead, Section, eval_mode, hookimpl, no_blocks_reason, pyplot
+from resinspect import NoHead, Section, capture, eval_mode, hookimpl, no_blocks_reason, pyplot
 
 NAME = "lens"
 
@@ -61,7 +61,6 @@ class Translator(nn.Module):
         if not translatable(src, dst):
             raise ValueError(f"no translator from a stream of shape {src} to {dst}")
         self.image = len(dst) == 3
-        self.size: tuple[int, int] = (dst[1], dst[2]) if self.image else (0, 0)
         self.dst = dst
         # the tokens the head reads (a ViT's class token): the map is per token, so the others need no work
         self.tokens = None if self.image or tokens is None else tokens[0]
@@ -76,11 +75,7 @@ class Translator(nn.Module):
             self.linear.bias.zero_()
 
     def prepare(self, s: torch.Tensor) -> torch.Tensor:
-        """What the translator keeps of a stream: feature maps pooled to the final size, of a token stream the
-        tokens the head reads (cheaper to store and to fit)."""
-        if self.image:
-            return F.adaptive_avg_pool2d(s, self.size)
-        return s if self.tokens is None else s[:, self.tokens]
+        return prepared(s, self.dst, None if self.tokens is None else (self.tokens, self.length))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         if self.image:
@@ -92,6 +87,15 @@ class Translator(nn.Module):
         out = f.new_zeros((len(f), self.length, self.dst[-1]))
         out[:, self.tokens] = self.linear(f)
         return out
+
+
+def prepared(s: torch.Tensor, dst: tuple[int, ...], tokens: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+    """What a translator into the final stream's shape ``dst`` keeps of a stream: a feature map pooled to the
+    final size, of a token stream the tokens the head reads (``tokens``, see :func:`tokens_read`): cheaper to
+    store and to fit."""
+    if len(dst) == 3:
+        return F.adaptive_avg_pool2d(s, (dst[1], dst[2]))
+    return s if tokens is None else s[:, tokens[0]]
 
 
 def tokens_read(head: nn.Module, streams: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -123,26 +127,20 @@ def translatable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
 
 
 @contextmanager
-def stream_hooks(points: list[tuple[str, nn.Module, str]]) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward hooks keeping each point's stream (a module's first input or its output) of the last call."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
+def stream_hooks(points: list[tuple[str, nn.Module, str]]) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
+    """Each point's stream (the first block's input, every block's output) through :func:`resinspect.capture`:
+    yields ``take()``, which after a forward pass returns ``{point: stream}`` and clears the store."""
+    entering = {name: m for name, m, where in points if where == "input"}
+    leaving = {name: m for name, m, where in points if where == "output"}
+    with capture(entering, outputs=False) as ins, capture(leaving, inputs=False) as outs:
 
-    def hook(name: str, where: str):
-        def fn(_m, inputs, output):
-            value = inputs[0] if where == "input" else output
-            if isinstance(value, torch.Tensor):
-                seen[name] = value.detach()
+        def take() -> dict[str, torch.Tensor]:
+            got = {**ins.inputs, **outs.outputs}
+            ins.clear()
+            outs.clear()
+            return got
 
-        return fn
-
-    try:
-        for name, module, where in points:
-            handles.append(module.register_forward_hook(hook(name, where)))
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
+        yield take
 
 
 def points_of(ctx, role: str) -> list[tuple[str, nn.Module, str]]:
@@ -178,17 +176,33 @@ def _fit(jobs: list[tuple[Translator, torch.Tensor, torch.Tensor]], head: nn.Mod
         p.grad = None
 
 
-def _collect(ctx, net: nn.Module, points, images: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Streams at every point, final logits and labels of ``images`` training images."""
-    streams: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in points}
+def _collect(ctx, net: nn.Module, head: nn.Module, points, images: int) -> dict[str, Any]:
+    """What the translators are fitted on, from ``images`` training images: per translatable point the
+    :func:`prepared` features, taken batch by batch (the whole streams of a few hundred images would not fit
+    in memory at ImageNet scale); the streams' shapes, the tokens the head reads, the final logits, the labels."""
+    feats: dict[str, list[torch.Tensor]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    read = None
     logits, labels = [], []
-    with stream_hooks(points) as seen:
+    with stream_hooks(points) as take:
         for x, y in ctx.train_batches(images):
             logits.append(net(x).detach())
             labels.append(y)
-            for name in streams:
-                streams[name].append(seen[name])
-    return {k: torch.cat(v) for k, v in streams.items()}, torch.cat(logits), torch.cat(labels)
+            seen = take()
+            final = seen[points[-1][0]]
+            if not shapes:
+                shapes = {name: tuple(seen[name].shape[1:]) for name, _, _ in points}
+                read = tokens_read(head, final)
+                feats = {name: [] for name in shapes if translatable(shapes[name], shapes[points[-1][0]])}
+            for name, kept in feats.items():
+                kept.append(prepared(seen[name], shapes[points[-1][0]], read))
+    return {
+        "features": {k: torch.cat(v) for k, v in feats.items()},
+        "shapes": shapes,
+        "read": read,
+        "logits": torch.cat(logits),
+        "labels": torch.cat(labels),
+    }
 
 
 def read_network(ctx, role: str, opts: dict) -> dict:
@@ -198,26 +212,27 @@ def read_network(ctx, role: str, opts: dict) -> dict:
     head = ctx.head(role)
     points = points_of(ctx, role)
     with eval_mode(net), torch.no_grad():
-        train_streams, train_logits, train_labels = _collect(ctx, net, points, opts["fit_samples"])
-        final_shape = tuple(train_streams[points[-1][0]].shape[1:])
-        shapes = {name: tuple(s.shape[1:]) for name, s in train_streams.items()}
+        fit = _collect(ctx, net, head, points, opts["fit_samples"])
+        shapes, train_labels = fit["shapes"], fit["labels"]
+        final_shape = shapes[points[-1][0]]
         lenses: dict[str, dict[str, Translator]] = {"tuned": {}, "probe": {}}
-        soft = torch.softmax(train_logits.double(), -1).float()
-        read = tokens_read(head, train_streams[points[-1][0]])
+        soft = torch.softmax(fit["logits"].double(), -1).float()
         jobs = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)  # the same translators in every process (and run), the global RNG untouched
             for kind, target, wanted in (("tuned", soft, opts["tuned"]), ("probe", train_labels, opts["probe"])):
                 for name, _, _ in points:
-                    if wanted and translatable(shapes[name], final_shape):
-                        t = lenses[kind][name] = Translator(shapes[name], final_shape, read).to(train_logits.device)
-                        jobs.append((t, t.prepare(train_streams[name]), target))
-        del train_streams
+                    if wanted and name in fit["features"]:
+                        t = Translator(shapes[name], final_shape, fit["read"]).to(train_labels.device)
+                        lenses[kind][name] = t
+                        jobs.append((t, fit["features"][name], target))
+        del fit
         _fit(jobs, head, opts)
         sums: dict[str, float] = {"n": 0.0, "final_correct": 0.0, "final_ce": 0.0}
-        with stream_hooks(points) as seen:
+        with stream_hooks(points) as take:
             for x, y in ctx.shard(ctx.test_batches(ctx.test_images(opts["samples"]))):
                 out = net(x)
+                seen = take()
                 logp_final = torch.log_softmax(out.double(), -1)
                 sums["n"] += len(y)
                 sums["final_correct"] += float((out.argmax(-1) == y).sum())

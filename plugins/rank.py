@@ -85,15 +85,16 @@ def measures(x: torch.Tensor) -> dict[str, torch.Tensor]:
 def measure_network(ctx, net: nn.Module, points, images: int, max_tokens: int) -> dict[str, dict[str, float]]:
     """Mean of every measure at every point over ``images`` test images (sums all-reduced across ranks)."""
     sums: dict[str, float] = {}
-    with stream_hooks(points) as seen, eval_mode(net), torch.no_grad():
+    with stream_hooks(points) as take, eval_mode(net), torch.no_grad():
         for x, _ in ctx.shard(ctx.test_batches(images)):
-            seen.clear()
             net(x)
+            seen = take()
             for name, _, _ in points:
                 if name not in seen or seen[name].dim() not in (3, 4):
                     continue
                 t = token_matrix(seen[name])
                 if t.shape[1] > max_tokens:
+                    sums[f"{name}|positions"] = float(t.shape[1])
                     t = t[:, :: math.ceil(t.shape[1] / max_tokens)]
                 for key, v in measures(t).items():
                     sums[f"{name}|{key}"] = sums.get(f"{name}|{key}", 0.0) + float(v.sum())
@@ -106,6 +107,8 @@ def measure_network(ctx, net: nn.Module, points, images: int, max_tokens: int) -
         if n:
             out[name] = {k: sums[f"{name}|{k}"] / n for k in ("residual", "residual_fro", "effective_rank", "cosine")}
             out[name]["tokens"] = sums[f"{name}|tokens"] / max(ctx.world_size, 1)
+            if f"{name}|positions" in sums:
+                out[name]["positions"] = sums[f"{name}|positions"] / max(ctx.world_size, 1)
     return out
 
 
@@ -227,6 +230,13 @@ def _report(s: Section, ctx, results: dict, blocks) -> None:
             "relative residual (rank)", {k: v["residual"] for k, v in trained.items() if k != "input"}, "smaller"
         )
     _findings(s, ctx, results, label)
+    cut = {n: m for variants in results.values() for p in variants.values() for n, m in p.items() if "positions" in m}
+    if cut:
+        n, m = next(iter(cut.items()))
+        s.finding(
+            f"Subsampled: at {len(cut)} point(s) the stream has more tokens or positions than -o rank.max_tokens "
+            f"allows, and every k-th was kept (e.g. {n}: {int(m['tokens'])} of {int(m['positions'])})."
+        )
     _figure(s, results, label)
 
 
