@@ -4,7 +4,6 @@ dead ReLU units. Every statistic is accumulated as per-batch sums."""
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,13 +191,9 @@ def _reduced(ctx, stats: Stats) -> Stats:
     return stats
 
 
-def _at_init(ctx, role: str, model: nn.Module, limit: int) -> Stats | None:
-    state = ctx.initial_state.get(role)
-    if state is None:
-        return None
-    fresh = copy.deepcopy(model)
-    fresh.load_state_dict(state)
-    return _collect_eval(ctx, fresh, limit)
+def _at_init(ctx, role: str, limit: int) -> Stats | None:
+    fresh = ctx.initial_network(role)
+    return None if fresh is None else _collect_eval(ctx, fresh, limit)
 
 
 @hookimpl
@@ -242,7 +237,7 @@ def resinspect_analyze(ctx) -> Section:
     blocks = residual_blocks(ctx.model)
     if blocks and st.images:
         # nothing trained in this run (a loaded or pretrained model): its initial state is the one measured
-        init = _at_init(ctx, "model", ctx.model, opts["samples"]) if ctx.trained_in_run else st
+        init = _at_init(ctx, "model", opts["samples"]) if ctx.trained_in_run else st
         rows: list[list[Any]] = []
         for b in blocks:
             ratio = st.ratio_sum[b.name] / st.images

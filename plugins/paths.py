@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -88,12 +87,8 @@ def _describe(sums: PathSums, coverage: float) -> dict:
 
 
 def _at_init(ctx):
-    state = ctx.initial_state.get("model")
-    if state is None:
-        return None
-    fresh = copy.deepcopy(ctx.model)
-    fresh.load_state_dict(state)
-    return fresh.eval()
+    fresh = ctx.initial_network("model")
+    return None if fresh is None else fresh.eval()
 
 
 def _twin_single_path(ctx, first_block: str, limit: int) -> float | None:

@@ -4,7 +4,6 @@ transformer) the pure-attention path, at initialisation and trained."""
 
 from __future__ import annotations
 
-import copy
 import math
 from contextlib import ExitStack
 
@@ -112,15 +111,6 @@ def measure_network(ctx, net: nn.Module, points, images: int, max_tokens: int) -
     return out
 
 
-def _initial(ctx, role: str) -> nn.Module | None:
-    state = ctx.initial_state.get(role)
-    if state is None:
-        return None
-    net = copy.deepcopy(dict(ctx.networks())[role])
-    net.load_state_dict(state)
-    return net
-
-
 @hookimpl
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options()
@@ -134,7 +124,7 @@ def resinspect_analyze(ctx) -> Section:
     images = ctx.test_images(opts["samples"])
     states = {"trained": {role: net for role, net in ctx.networks()}}
     if opts["at_init"] and ctx.trained_in_run:
-        states["init"] = {role: _initial(ctx, role) for role, _ in ctx.networks()}
+        states["init"] = {role: ctx.initial_network(role) for role, _ in ctx.networks()}
     elif opts["at_init"] and not ctx.trained_in_run:
         s.finding("Measured once: nothing was trained in this run, so the analysed weights are the initial ones.")
     attention = [b for b in blocks if b.kind == "attention"]

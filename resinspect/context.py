@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +182,16 @@ class RunContext:
                     twin_module = None
             out.append((b, twin_module))
         return out
+
+    def initial_network(self, role: str = "model") -> nn.Module | None:
+        """A copy of a network with its weights at initialisation (``initial_state[role]``), or None when they
+        were not kept. The copy is the caller's: it shares nothing with the analysed network."""
+        state = self.initial_state.get(role)
+        if state is None:
+            return None
+        network = copy.deepcopy(dict(self.networks())[role])
+        network.load_state_dict(state)
+        return network
 
     def record_initial_state(self) -> None:
         """Keep CPU copies of every network's current weights as ``initial_state[role]``."""
