@@ -17,10 +17,12 @@ restore the original on exit, also after an exception.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -171,11 +173,45 @@ class _Untraceable(Exception):
 
 
 def _trace(module: nn.Module) -> fx.Graph:
+    """The module's own forward as a graph, its optional arguments (``attn_mask=None``, ``is_causal=False`` in
+    timm's blocks) fixed at their defaults, so the graph has one input."""
+    defaults = _forward_defaults(module)
     try:
-        return _ChildrenAsLeaves().trace(module)
+        graph = _ChildrenAsLeaves().trace(module, concrete_args=defaults or None)
     except Exception as e:  # noqa: BLE001 - untraceable forward (data-dependent control flow): not a block we can switch
         first = (str(e).strip().splitlines() or [""])[0]
         raise _Untraceable(f"{type(e).__name__}: {first}" if first else type(e).__name__) from e
+    if defaults:
+        _drop_default_guards(graph)
+    return graph
+
+
+def _forward_defaults(module: nn.Module) -> dict[str, Any]:
+    """The forward's arguments after the first that have defaults, with them."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
+def _drop_default_guards(graph: fx.Graph) -> None:
+    """Remove the inputs fx keeps for arguments fixed at their defaults, with the checks it adds on them (the
+    traced code already uses the constants); kept when anything else reads them."""
+    for p in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        doomed: list[fx.Node] = []
+        stack = [p]
+        while stack:
+            n = stack.pop()
+            if n not in doomed:
+                doomed.append(n)
+                stack += list(n.users)
+        if any(n.op not in ("placeholder", "call_function") for n in doomed):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(doomed, key=order.__getitem__, reverse=True):
+            graph.erase_node(n)
 
 
 def _residual_adds(module: nn.Module, graph: fx.Graph) -> list[tuple[fx.Graph, fx.Node, fx.Node, fx.Node, str]]:
@@ -304,13 +340,32 @@ def _pieces(module: nn.Module, graph: fx.Graph) -> list[tuple[bool, fx.Graph]] |
     return [(site, _piece_graph(graph, start, end, inner)) for site, start, end, inner in groups]
 
 
-def _chained_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _chained_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The forward of a module cut into residual sites: its pieces, one after the other (the same operations in
-    the same order as the module's own forward)."""
+    the same order as the module's own forward). Optional arguments are accepted at the defaults the pieces
+    were traced with."""
+    if args or kwargs:
+        _check_defaults(self, args, kwargs)
     for piece in self.__dict__["_resinspect_pieces"]:
         piece.training = self.training  # the pieces are not submodules: model.train()/eval() do not reach them
         x = piece(x)
     return x
+
+
+def _check_defaults(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    defaults = module.__dict__.get("_resinspect_defaults") or {}
+    given = dict(zip(defaults, args), **kwargs)
+    changed = [k for k, v in given.items() if k not in defaults or not _same_default(v, defaults[k])]
+    if changed:
+        fixed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+        raise RuntimeError(
+            f"{type(module).__name__} was cut into residual sites with {fixed}; "
+            f"it was called with other values of {', '.join(changed)}, which its sites cannot follow"
+        )
+
+
+def _same_default(value: Any, default: Any) -> bool:
+    return value is default or (not isinstance(value, torch.Tensor) and value == default)
 
 
 def _mode_independent(module: nn.Module, graph: fx.Graph) -> bool:
@@ -353,6 +408,7 @@ def _install_sites(module: nn.Module, graph: fx.Graph) -> list[fx.GraphModule] |
         labels.append(label)
     module.__dict__["_resinspect_pieces"] = modules
     module.__dict__["_resinspect_site_names"] = labels  # the sites' names, kept when a twin drops their skips
+    module.__dict__["_resinspect_defaults"] = _forward_defaults(module)
     module.forward = types.MethodType(_chained_forward, module)
     return modules
 

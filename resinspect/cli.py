@@ -447,9 +447,22 @@ def models_cmd() -> None:
     for spec in MODELS.values():
         source = "" if spec.source == "resinspect" else f" [{spec.source}]"
         click.echo(f"{spec.name:<24} {spec.description}{source}")
+    click.echo(f"{'timm:<name>':<24} {_timm_line()}")
     click.echo(
         f"{'package.module:function':<24} your own factory; called with in_channels, num_classes, image_size "
         "if it accepts them"
+    )
+
+
+def _timm_line() -> str:
+    """The ``resinspect models`` line for timm: how many models it has, or how to install it."""
+    try:
+        import timm
+    except ImportError:
+        return "any of timm's models (needs the optional timm package: pip install resinspect[timm])"
+    return (
+        f"any of timm {timm.__version__}'s {len(timm.list_models())} models (timm.list_models()); --weights FILE "
+        "for their weights"
     )
 
 

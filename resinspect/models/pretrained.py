@@ -74,6 +74,7 @@ class Pretrained:
     categories: list[str] | None = None
     transform: Any = None
     notes: list[str] = field(default_factory=list)
+    image_size: int | None = None  # the transform's output size, where it has no ``crop_size`` (timm's)
 
 
 def torchvision_builders() -> list[str]:
@@ -113,6 +114,7 @@ def resolve_weights(model: str, value: str, download: bool = False) -> Pretraine
         raise ResinspectError(
             f"--weights {value}: weights names are torchvision's, for torchvision:<builder> models; for "
             f"{model} give a state-dict file (.pth, .pt, .bin, .safetensors)"
+            + (" (timm's own download is not used: resinspect runs offline)" if model.startswith("timm:") else "")
         )
     arch = model.partition(":")[2]
     enum = _weights_enum(arch)
@@ -157,7 +159,31 @@ def _from_file(model: str, path: Path) -> Pretrained:
             pre.transform = default.transforms()
             pre.notes.append(f"preprocessing: the transform of {arch}'s default torchvision weights ({default})")
             pre.categories = list(default.meta.get("categories") or []) or None  # kept if the head fits them
+    elif model.startswith("timm:"):
+        _timm_preprocessing(pre, model.partition(":")[2])
     return pre
+
+
+def _timm_preprocessing(pre: Pretrained, arch: str) -> None:
+    """The inference transform timm's ``arch`` was trained with (from its pretrained config, which ships
+    with timm: nothing is downloaded), and ImageNet's class names for a 1000-class head."""
+    from .registry import require_timm
+
+    timm = require_timm()
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = timm.get_pretrained_cfg(arch)
+    if cfg is None:
+        pre.notes.append(f"preprocessing: timm has no pretrained config for {arch}; the dataset's own is kept")
+        return
+    data_cfg = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    pre.transform = create_transform(**data_cfg)
+    pre.image_size = int(data_cfg["input_size"][-1])
+    pre.notes.append(f"preprocessing: timm's inference transform for {arch} ({data_cfg})")
+    if int(getattr(cfg, "num_classes", 0) or 0) == 1000:
+        import torchvision.models as tvm
+
+        pre.categories = list(tvm.ResNet50_Weights.DEFAULT.meta["categories"])  # ImageNet-1k, index order
 
 
 def _fix_torchvision_keys(arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -362,7 +388,7 @@ def pretrained_bundle(bundle: Any, pre: Pretrained, expected: int | None = None)
     if pre.transform is not None:
         if _set_transform(bundle.train, pre.transform) | _set_transform(bundle.test, pre.transform):
             crop = getattr(pre.transform, "crop_size", None)
-            image_size = int(crop[0]) if crop else image_size
+            image_size = int(crop[0]) if crop else pre.image_size or image_size
             info["preprocessing"] = " ".join(repr(pre.transform).split())
         else:
             info["preprocessing"] = (

@@ -4,8 +4,8 @@ Names: the CIFAR ResNets ``resnet20 … resnet110`` and their plain twins
 ``plain20 … plain110``; ``seed34`` / ``plainseed34`` (the origin document's
 [3,4,6,3] network); ``torchvision:<builder>`` for every classification model of
 torchvision (ResNet, ResNeXt, Wide ResNet, RegNet, MobileNet, EfficientNet,
-ConvNeXt, ViT, Swin, MaxViT …); and any user factory written
-``package.module:function``.
+ConvNeXt, ViT, Swin, MaxViT …); ``timm:<name>`` for any of timm's models (timm is an optional extra,
+imported only then); and any user factory written ``package.module:function``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from ..errors import UnknownNameError
+from ..errors import ResinspectError, UnknownNameError, closest_match
 from .resnet import ResNet
 
 __all__ = [
@@ -72,6 +73,47 @@ def _torchvision(arch: str) -> Callable[..., nn.Module]:
         elif in_channels != 3:
             _adapt_first_conv(model, in_channels)
         return model
+
+    return factory
+
+
+TIMM_HINT = "timm models need the optional timm package: pip install resinspect[timm]"
+
+
+def require_timm() -> Any:
+    """timm, imported on first use (an optional extra); one line with the install command when missing."""
+    try:
+        import timm
+    except ImportError:
+        raise ResinspectError(TIMM_HINT) from None
+    return timm
+
+
+def _timm(arch: str) -> Callable[..., nn.Module]:
+    """A factory for timm's ``arch``, built with ``timm.create_model`` (never ``pretrained=True``: weights come
+    from ``--weights FILE``); ``image_size`` is passed on as ``img_size`` to the models that take it (ViT,
+    Swin …: their position tables depend on it) and ignored by those that don't."""
+
+    def factory(in_channels: int = 3, num_classes: int = 10, image_size: int | None = None) -> nn.Module:
+        timm = require_timm()
+        if not timm.is_model(arch):
+            names = timm.list_models()
+            near = closest_match(arch, names)
+            raise ResinspectError(
+                f"unknown timm model '{arch}'"
+                + (f"; did you mean 'timm:{near}'?" if near else ".")
+                + f" timm {timm.__version__} has {len(names)} models (timm.list_models(); resinspect models lists "
+                "the families)"
+            )
+        kwargs: dict[str, Any] = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+        default = timm.get_pretrained_cfg(arch)
+        default_size = (getattr(default, "input_size", None) or (3, 224, 224))[-1] if default else 224
+        if image_size and image_size != default_size:
+            try:
+                return timm.create_model(arch, img_size=image_size, **kwargs)
+            except TypeError:  # a convolutional network: any size goes
+                pass
+        return timm.create_model(arch, **kwargs)
 
     return factory
 
@@ -192,7 +234,7 @@ def _is_factory_path(name: str) -> bool:
     module, _, func = name.partition(":")
     return (
         bool(module and func)
-        and module != "torchvision"
+        and module not in ("torchvision", "timm")
         and all(part.isidentifier() for part in module.split(".") + [func])
     )
 
@@ -217,6 +259,8 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
     """
     if name in MODELS:
         return MODELS[name].factory
+    if name.startswith("timm:") and name.partition(":")[2]:
+        return _timm(name.partition(":")[2])
     if not _is_factory_path(name):
         raise UnknownNameError("model", name, model_names())
     return _user_factory(name)
