@@ -6,6 +6,11 @@ forward+backward pass of resnet50 over the same N images, timed in this process 
 machine).
 
     python benchmarks/pretrained_resnet50.py [--images 64] [--model resnet50] [--device cpu]
+    python benchmarks/pretrained_resnet50.py --model convnext_tiny
+    python benchmarks/pretrained_resnet50.py --model vit_b_16
+
+Also printed per plugin: the run's own estimate made before the analysis (from a timed probe pass) and the
+peak resident memory of its analysis.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ def one_pass(model_name: str, images: int, device: str) -> float:
     return time.perf_counter() - start
 
 
+def _skip_reason(plugin: dict) -> str:
+    for section in plugin.get("sections", []):
+        if section.get("status") == "skipped":
+            return " ".join(f["text"] for f in section.get("findings", []) if f["text"].startswith("Skipped"))
+    return ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=64)
@@ -67,17 +79,30 @@ def main() -> None:
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         wall = time.perf_counter() - start
+        # the run resets the process's high-water mark per plugin (which getrusage shares): its own record
+        # of the whole run's peak, and getrusage's as a floor
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
         if proc.returncode not in (0, 1) or not (tmp_path / "run" / "results.json").exists():
             sys.exit(f"the run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         results = json.loads((tmp_path / "run" / "results.json").read_text())
+        peak_gb = max(peak_gb, (results["run"].get("peak_rss_mb") or 0) / 1024)
         base = one_pass(args.model, args.images, args.device)
-    analysis = 0.0
+    said = [ln for ln in proc.stderr.splitlines() if "estimate:" in ln]
+    print(said[0] if said else "(the run printed no estimate)")
+    analysis = estimated = 0.0
+    print(f"{'plugin':<12} {'status':<7} {'seconds':>9} {'passes':>8} {'estimated':>10} {'peak RSS':>10}")
     for name, p in results["plugins"].items():
         analysis += p["seconds"]
-        print(f"{name:<12} {p['status']:<7} {p['seconds']:8.1f} s  {p['seconds'] / base:7.1f} passes")
+        est = p.get("estimate_seconds")
+        estimated += est or 0.0
+        peak = p.get("peak", {}).get("rss_mb")
+        print(f"{name:<12} {p['status']:<7} {p['seconds']:8.1f} s {p['seconds'] / base:8.1f} "
+              f"{'' if est is None else f'{est:8.1f} s':>10} {'' if peak is None else f'{peak / 1024:7.2f} GB':>10}")
+        if p["status"] != "ok":
+            print(f"    {p.get('error') or _skip_reason(p)}")
     print(f"run status {results['status']}; wall {wall:.1f} s; peak RSS {peak_gb:.2f} GB; "
-          f"one forward+backward pass over {args.images} images: {base:.1f} s")
+          f"one forward+backward pass over {args.images} images: {base:.1f} s; estimated before the analysis "
+          f"{estimated:.0f} s, measured {analysis:.0f} s")
     print(f"ratio analysis/pass: {analysis / base:.1f} (target: wall <= 600 s and peak RSS <= 4 GB on 2 cores; "
           f"here {wall:.0f} s, {peak_gb:.2f} GB)")
 

@@ -50,7 +50,7 @@ def _smoothgrad(model, x, target, opts, stage=None):
             nt_type="smoothgrad",
             nt_samples=opts["smoothgrad_samples"],
             stdevs=opts["smoothgrad_std"],
-            nt_samples_batch_size=opts["smoothgrad_samples"],
+            nt_samples_batch_size=min(opts["smoothgrad_samples"], opts.get("per_eval") or opts["smoothgrad_samples"]),
             target=target,
             abs=True,
         )
@@ -82,7 +82,8 @@ def _occlusion(model, x, target, opts, stage=None):
             strides=(x.shape[1], stride, stride),
             baselines=0.0,
             target=target,
-            perturbations_per_eval=opts["internal_batch_size"],
+            # forward passes only (no activations kept for a backward): three times as many images at once
+            perturbations_per_eval=3 * (opts.get("per_eval") or opts["internal_batch_size"]),
         )
         .sum(1)
     )
@@ -250,12 +251,25 @@ def attribute(
     opts: dict[str, Any],
     stage: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Maps ``(B, H, W)`` for method ``key``, detached (the model's gradients are left untouched)."""
+    """Maps ``(B, H, W)`` for method ``key``, detached (the model's gradients are left untouched).
+
+    Memory is bounded by ``opts["images_at_once"]`` (default: ``internal_batch_size``): the images go through
+    in chunks of at most that many, and SmoothGrad's noisy copies and Occlusion's perturbations are batched so
+    that one forward holds about that many images (Integrated Gradients batches itself, by
+    ``internal_batch_size``)."""
+    at_once = max(1, int(opts.get("images_at_once") or opts["internal_batch_size"]))
+    step = len(x) if key == "integrated_gradients" else min(len(x), at_once)
+    t = torch.as_tensor(target, device=x.device).reshape(-1)
     saved = [p.grad for p in model.parameters()]
+    parts = []
     try:
-        with torch.enable_grad():
-            maps = METHODS[key](model, x.detach().clone().requires_grad_(True), target, opts, stage=stage)
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step].detach().clone().requires_grad_(True)
+            these = dict(opts, per_eval=max(1, at_once // len(chunk)))
+            target_i = t if len(t) == 1 else t[i : i + step]
+            with torch.enable_grad():
+                parts.append(METHODS[key](model, chunk, target_i, these, stage=stage).detach())
     finally:
         for p, g in zip(model.parameters(), saved):
             p.grad = g
-    return maps.detach()
+    return torch.cat(parts)

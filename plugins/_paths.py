@@ -114,13 +114,19 @@ def decompose_batch(
     return stack.detach(), full.detach()
 
 
-def path_gradients(model: nn.Module, blocks: list[ResidualBlock], batches, progress=lambda it, **kw: it) -> PathSums:
-    """Accumulate :class:`PathSums` over ``batches`` (eval mode inside; the model is left as it was)."""
+def path_gradients(
+    model: nn.Module, blocks: list[ResidualBlock], batches, progress=lambda it, **kw: it, at_once: int = 0
+) -> PathSums:
+    """Accumulate :class:`PathSums` over ``batches`` (eval mode inside; the model is left as it was).
+    ``at_once`` > 0: at most that many images decomposed at a time (the backward carries ``N + 1`` gradients
+    per image through every block: memory grows with images × blocks)."""
     sums = PathSums(len(blocks))
     with eval_mode(model):
         for x, y in progress(batches, desc="path decomposition (batches)"):
-            levels, full = decompose_batch(model, blocks, x, y)
-            sums.add(levels, full)
+            step = at_once if 0 < at_once < len(x) else len(x)
+            for i in range(0, len(x), step):
+                levels, full = decompose_batch(model, blocks, x[i : i + step], y[i : i + step])
+                sums.add(levels, full)
     return sums
 
 

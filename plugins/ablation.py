@@ -182,15 +182,36 @@ def resinspect_analyze(ctx) -> Section:
         return _analyze(ctx, model, blocks, opts, section)
 
 
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """The lesions' forward passes, as :func:`_fit_to_budget` plans them."""
+    blocks = residual_blocks(ctx.model)
+    if not blocks:
+        return 0.0
+    scratch = Section(title="estimate")
+    _fit_to_budget(ctx, ctx.model, blocks, ctx.options(NAME), scratch)
+    return float(scratch.metrics["planned_multiply_adds"])
+
+
 def _fit_to_budget(ctx, model, blocks, opts, section: Section) -> dict[str, Any]:
     """The study's optional parts fitted to the run's ``--compute`` budget, in the model's multiply-adds: the
     clean pass and the single-block lesions (and the twin's) always run; then skip removal, BN re-estimation,
     the random subsets and last the pairs (quadratic in blocks) get what is left. Returns the options as
     they will be used, and says in a finding what was cut."""
     n, images = len(blocks), max(1, ctx.test_images(opts["samples"]))
-    plan = ctx.compute_plan(images)
-    plan.spend((1 + n) * (2 if ctx.twin is not None else 1))
+    nets = 2 if ctx.twin is not None else 1
     out = dict(opts)
+    # the clean pass and the single lesions run on every image: when even they do not fit, fewer images (at
+    # least 32: a lesion cost is then a difference of accuracies over 32 images)
+    fit = int(ctx.compute // max(1.0, (1 + n) * nets * ctx.multiply_adds())) if ctx.compute else images
+    cut_images = None
+    if fit < images and images > 32:
+        cut_images, images = images, max(32, fit)
+        out["samples"] = images
+    plan = ctx.compute_plan(images)
+    plan.spend((1 + n) * nets)
+    if cut_images:
+        plan.cut(f"lesions evaluated on {images} test images instead of {cut_images}")
     if out["skip_removal"] and not plan.fits(n):
         out["skip_removal"] = False
         plan.cut(f"skip removal off ({n} passes)")

@@ -77,16 +77,20 @@ def _images(ctx, n: int):
     return x, y, masks
 
 
-def _cost(key: str, opts, x: torch.Tensor) -> float:
-    """About how many forward-backward passes per image a method makes (to balance the ranks' shares)."""
+def _passes(key: str, opts, size: tuple[int, int]) -> float:
+    """Forward-pass equivalents per image a method makes (a backward counts as two forwards): to balance the
+    ranks' shares and to fit the study to the compute budget."""
     if key in ("integrated_gradients", "gradient_shap"):
-        return opts["ig_steps"]
+        return 3.0 * opts["ig_steps"]
     if key == "smoothgrad":
-        return opts["smoothgrad_samples"]
+        return 3.0 * opts["smoothgrad_samples"]
     if key == "occlusion":
-        w = max(2, opts["occlusion_window"] or x.shape[-1] // 4)
-        return 0.5 * ((x.shape[-1] - w) // max(1, w // 2) + 1) * ((x.shape[-2] - w) // max(1, w // 2) + 1)
-    return 1.0
+        w = max(2, opts["occlusion_window"] or size[-1] // 4)
+        stride = max(1, w // 2)
+        return 1.0 + ((size[-1] - w) // stride + 1) * ((size[-2] - w) // stride + 1)
+    if key == "attention_rollout":
+        return 1.0
+    return 4.0 if key == "gradcam" else 3.0  # gradcam: a probe forward, then forward and backward
 
 
 def _maps(model, methods, x, target, opts, ctx=None, seed: int = 0, desc: str | None = None) -> dict[str, torch.Tensor]:
@@ -94,7 +98,7 @@ def _maps(model, methods, x, target, opts, ctx=None, seed: int = 0, desc: str | 
     whichever process computes it). Under torchrun (``ctx``) the methods are split across the ranks and the
     maps gathered."""
     indexed = list(enumerate(methods))
-    mine = ctx.split(indexed, cost=lambda item: _cost(item[1][1], opts, x)) if ctx is not None else indexed
+    mine = ctx.split(indexed, cost=lambda item: _passes(item[1][1], opts, x.shape[-2:])) if ctx is not None else indexed
     if ctx is not None and desc:
         mine = ctx.progress(mine, desc=desc)
     out = {}
@@ -122,31 +126,86 @@ def resinspect_analyze(ctx) -> Section:
 INTERNAL_BATCH_MACS = 5e10
 
 
-def _fitted(ctx, opts: dict[str, Any], s: Section) -> dict[str, Any]:
-    """The options fitted to the model: captum's internal batch bounded by :data:`INTERNAL_BATCH_MACS`
-    (memory; the maps are the same); the images attributed fitted to the run's ``--compute`` budget (each
-    about ``3·(ig_steps + smoothgrad_samples) + 2·curve_steps`` passes of one image; at least 4); then the
-    sanity check's images (every map again at every randomisation step; at least 1)."""
+def plan_of(ctx, opts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The options fitted to the model, and the compute plan that fitted them (its ``spent``: the study's
+    multiply-adds). captum's internal batch and the images any method holds at once are bounded by
+    :data:`INTERNAL_BATCH_MACS` (memory; the maps are the same). Then, in the model's forward passes: the
+    images attributed (each: every method's passes plus the deletion and insertion curves of every map and a
+    random one; at least 2, or 1 when not even 2 fit, after :func:`_coarser` settings), then the sanity
+    check: its images (every map again at every randomisation step), and when not even one image fits every
+    step, the steps at which the maps are recomputed (at least 2, evenly spaced, the first and the last
+    always: the whole network re-initialised)."""
     macs = ctx.multiply_adds()
-    out = dict(opts, internal_batch_size=min(opts["internal_batch_size"], max(1, int(INTERNAL_BATCH_MACS // macs))))
+    at_once = max(1, int(INTERNAL_BATCH_MACS // macs))
+    out = dict(opts, internal_batch_size=min(opts["internal_batch_size"], at_once), images_at_once=at_once)
+    size = (ctx.data.image_size, ctx.data.image_size)
+    methods = method_names(ctx.model, opts["methods"])
     want = ctx.test_images(opts["images"])
     plan = ctx.compute_plan(1)
-    per_image = 3 * (opts["ig_steps"] + opts["smoothgrad_samples"]) + 2 * opts["curve_steps"]
-    got = max(min(want, 4), plan.most(per_image, want))
+    _coarser(out, plan, methods, size, min(want, 2))
+    maps_each = sum(_passes(key, out, size) for _, key, _ in methods)
+    per_image = maps_each + 2 * (out["curve_steps"] + 1) * (len(methods) + 1) + 1
+    floor = min(want, 2 if plan.budget == 0 or 2 * per_image <= plan.budget / plan.per_pass else 1)
+    got = plan.most(per_image, want)
+    if got < floor:
+        plan.spend(per_image * (floor - got))
+        got = floor
     if got < want:
-        plan.cut(f"{got} images attributed instead of {want}")
+        plan.cut(f"{got} image(s) attributed instead of {want}")
     out["images"] = got
     if opts["sanity"]:  # every randomisation step recomputes every map of the sanity images
         steps = max(1, len(_randomisation_steps(ctx.model)))
         wanted = min(opts["sanity_images"], got)
-        n = max(1, plan.most(per_image * steps, wanted))
-        if n < wanted:
+        n = plan.most(maps_each * steps, wanted)
+        points = steps
+        if n == 0:
+            n, fit = 1, plan.most(maps_each, steps)
+            points = min(steps, max(2, fit))
+            plan.spend(maps_each * (points - fit))  # the floor of 2 (the first step and the last), past the budget
+            plan.cut(
+                f"the sanity check on 1 image, its maps recomputed after {points} of the {steps} "
+                "randomisation steps (evenly spaced, the last included)"
+            )
+        elif n < wanted:
             plan.cut(f"the sanity check on {n} image(s) instead of {wanted} ({steps} randomisation steps)")
-        out["sanity_images"] = n
-    said = plan.finding(macs, 1)
+        out["sanity_images"], out["sanity_points"] = n, points
+    return out, plan
+
+
+# a model so large that not even two images of the full study fit the budget gets coarser settings first
+COARSER = (("curve_steps", 10), ("ig_steps", 16), ("smoothgrad_samples", 8))
+
+
+def _coarser(out: dict[str, Any], plan: Any, methods: list, size: tuple[int, int], images: int) -> None:
+    """Halve the curves' steps, Integrated Gradients' steps and SmoothGrad's samples (down to 10, 16 and 8)
+    while ``images`` images of the study do not fit the budget, saying what changed."""
+    if not plan.budget:
+        return
+
+    def cost() -> float:
+        per = sum(_passes(k, out, size) for _, k, _ in methods) + 2 * (out["curve_steps"] + 1) * (len(methods) + 1)
+        return images * per * plan.per_pass
+
+    for key, least in COARSER:
+        was = out[key]
+        while cost() > plan.budget and out[key] > least:
+            out[key] = max(least, out[key] // 2)
+        if out[key] < was:
+            plan.cut(f"{key} {out[key]} instead of {was}")
+
+
+def _fitted(ctx, opts: dict[str, Any], s: Section) -> dict[str, Any]:
+    out, plan = plan_of(ctx, opts)
+    said = plan.finding(ctx.multiply_adds(), 1)
     if said:
         s.finding(said, "info")
     return out
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """The study's multiply-adds, as :func:`plan_of` fits it."""
+    return plan_of(ctx, ctx.options(NAME))[1].spent
 
 
 def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section:
@@ -234,25 +293,44 @@ def _sanity(ctx, model, methods, x, pred, maps, opts, s: Section) -> dict[str, l
     rho: dict[str, list[float]] = {name: [] for name, _, _ in methods}
     fresh_methods = method_names(twin, opts["methods"])
     cpu_state = torch.random.get_rng_state()
+    points = checkpoints(len(steps), opts.get("sanity_points") or len(steps))
     try:
         for i, (_, modules) in enumerate(ctx.progress(steps, desc="cascading randomisation")):
             _reinit(modules, ctx.seed + 1000 + i)
+            if i not in points:
+                continue
             new = _maps(twin, fresh_methods, xs, ts, opts, ctx, ctx.seed + 100 * (i + 1))
             for name in rho:
                 rho[name].append(spearman(new[name].abs(), originals[name].abs()).mean().item())
     finally:
         torch.random.set_rng_state(cpu_state)
+    shown = [steps[i] for i in points]
     s.table(
         "Sanity check: Spearman correlation with the original maps as layers are re-initialised",
-        ["method"] + [f"+{name}" for name, _ in steps],
+        ["method"] + [f"+{name}" for name, _ in shown],
         [[name] + vals for name, vals in rho.items()],
-        caption="Cumulative, from the output backwards: each column re-initialises one more part. Maps that "
-        "reflect the model decorrelate quickly.",
+        caption="Cumulative, from the output backwards: each column re-initialises one more part"
+        + (
+            ""
+            if len(points) == len(steps)
+            else f" (maps recomputed after {len(points)} of the {len(steps)} steps, "
+            "each column also re-initialising the parts before it)"
+        )
+        + ". Maps that reflect the model decorrelate quickly.",
     )
     for name, vals in rho.items():
         s.metrics[f"{name}/sanity_final_spearman"] = vals[-1]
-    _sanity_figure(s, steps, rho)
+    _sanity_figure(s, shown, rho)
     return rho
+
+
+def checkpoints(steps: int, points: int) -> list[int]:
+    """``points`` of the indices ``0 … steps-1``, evenly spaced, the first and the last always included."""
+    if points >= steps:
+        return list(range(steps))
+    if points <= 1:
+        return [steps - 1]
+    return sorted({round(i * (steps - 1) / (points - 1)) for i in range(points)})
 
 
 def _findings(s: Section, scores, has_masks: bool, sanity, opts) -> None:

@@ -10,6 +10,7 @@ from resinspect import Section, block_module, eval_mode, hookimpl, pyplot
 from resinspect_plugins._curvature import HessianOperator, density, hutchinson, top_eigenvalues
 from resinspect_plugins._landscape import kept
 from resinspect_plugins.landscape import _subset as landscape_subset
+from resinspect_plugins.landscape import fitted_finding
 
 NAME = "curvature"
 
@@ -50,6 +51,43 @@ def _subset(ctx, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))]
 
 
+def plan_of(ctx, opts: dict) -> tuple[dict, float, list[str]]:
+    """The options fitted to the run's ``--compute`` budget, the multiply-adds they cost and what was cut: a
+    Hessian-vector product is a forward, a backward and a backward of that (about five passes) over the
+    subset; each network takes up to ``max_iter`` of them for the eigenvalues, ``probes`` for the trace and
+    ``density_steps`` for the density. Cut in turn while over the budget: the training images (halved, down
+    to 32), the trace's probes (down to 10), the Lanczos iterations (down to 20)."""
+    out = dict(opts)
+    macs, budget, nets = float(ctx.multiply_adds()), float(ctx.compute), len(ctx.networks())
+    out["samples"] = n = ctx.train_images(opts["samples"])
+
+    def cost() -> float:
+        products = out["max_iter"] + out["probes"] + (out["density_steps"] if out["density"] else 0)
+        return 5.0 * products * out["samples"] * nets * macs
+
+    while budget and cost() > budget and out["samples"] > 32:
+        out["samples"] = max(32, out["samples"] // 2)
+    while budget and cost() > budget and out["probes"] > 10:
+        out["probes"] = max(10, out["probes"] // 2)
+    while budget and cost() > budget and out["max_iter"] > 20:
+        out["max_iter"] = max(20, out["max_iter"] // 2)
+    cuts = [
+        f"{out[k]} {what} instead of {v}"
+        for k, what, v in (
+            ("samples", "training images", n),
+            ("probes", "probes for the trace", opts["probes"]),
+            ("max_iter", "Hessian-vector products at most for the eigenvalues", opts["max_iter"]),
+        )
+        if out[k] < v
+    ]
+    return out, cost(), cuts
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    return plan_of(ctx, ctx.options())[1]
+
+
 def block_groups(net: torch.nn.Module, names: list[str]) -> dict[str, list[int]]:
     """Parameter indices of each named block or residual site, in the order of ``net.parameters()``."""
     params = [p for p in net.parameters() if p.requires_grad]
@@ -82,6 +120,10 @@ def resinspect_analyze(ctx):
         title="Curvature: the Hessian's spectrum and trace", explanation=EXPLANATION, docs="explainer-landscape"
     )
     s.key_metrics = ["model/eigenvalue_1", "model/trace"]
+    opts, _, cuts = plan_of(ctx, opts)
+    said = fitted_finding(ctx, cuts)
+    if said:
+        s.finding(said, "info")
     batches = _subset(ctx, opts["samples"])
     blocks = {"model": [b.name for b in ctx.blocks("model")]}
     if ctx.twin is not None:

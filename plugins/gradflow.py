@@ -133,6 +133,12 @@ def _weight_view(rec: GradRecorder, params: np.ndarray) -> tuple[list[str], np.n
 
 
 @hookimpl
+def resinspect_estimate(ctx) -> float:
+    """Nothing to compute: the gradients were recorded during training."""
+    return 0.0
+
+
+@hookimpl
 def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Gradient flow", explanation=EXPLANATION, docs="explainer-gradient")

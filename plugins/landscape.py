@@ -56,6 +56,54 @@ def resinspect_addoptions(options):
     )
 
 
+def plan_of(ctx, opts: dict) -> tuple[dict, float, list[str]]:
+    """The options fitted to the run's ``--compute`` budget, the multiply-adds they cost and what was cut:
+    every grid point and every point of the curve is a forward pass over the subset, on each network
+    (``(resolution² + resolution_1d) · samples · networks`` passes). Cut in turn while over the budget: the
+    training images (halved, down to 32), the grid (two points per axis at a time, down to 7×7), the curve
+    (halved, down to 11 points); odd counts keep the trained weights on the grid."""
+    out = dict(opts)
+    macs, budget, nets = float(ctx.multiply_adds()), float(ctx.compute), len(ctx.networks())
+    out["samples"] = n = ctx.train_images(opts["samples"])
+
+    def cost() -> float:
+        return (out["resolution"] ** 2 + out["resolution_1d"]) * out["samples"] * nets * macs
+
+    cuts = []
+    while budget and cost() > budget and out["samples"] > 32:
+        out["samples"] = max(32, out["samples"] // 2)
+    while budget and cost() > budget and out["resolution"] > 7:
+        out["resolution"] = max(7, out["resolution"] - 2)
+    while budget and cost() > budget and out["resolution_1d"] > 11:
+        out["resolution_1d"] = max(11, (out["resolution_1d"] // 2) | 1)
+    if out["samples"] < n:
+        cuts.append(f"{out['samples']} training images instead of {n}")
+    if out["resolution"] < opts["resolution"]:
+        cuts.append(
+            f"a {out['resolution']}×{out['resolution']} grid instead of {opts['resolution']}×{opts['resolution']}"
+        )
+    if out["resolution_1d"] < opts["resolution_1d"]:
+        cuts.append(f"{out['resolution_1d']} points on the curve instead of {opts['resolution_1d']}")
+    return out, cost(), cuts
+
+
+def fitted_finding(ctx, cuts: list[str]) -> str | None:
+    """The finding that says what fitting to the compute budget cut (None: nothing)."""
+    if not cuts:
+        return None
+    return (
+        f"Fitted to the compute budget (--compute {ctx.compute:.3g} multiply-adds; this model does "
+        f"{ctx.multiply_adds():.3g} per image): "
+        + "; ".join(cuts)
+        + ". Pass --compute 0 (no budget) or a larger one for the full study."
+    )
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    return plan_of(ctx, ctx.options())[1]
+
+
 def _subset(ctx, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed subset of the training data: ``samples`` images of the run's seeded training order (the same
     on every call, so landscape and curvature measure the same subset)."""
@@ -113,6 +161,10 @@ def resinspect_analyze(ctx):
     opts = ctx.options()
     s = Section(title="Loss landscape around the trained weights", explanation=EXPLANATION, docs="explainer-landscape")
     s.key_metrics = ["model/loss_rise_at_1", "model/nonconvexity"]
+    opts, _, cuts = plan_of(ctx, opts)
+    said = fitted_finding(ctx, cuts)
+    if said:
+        s.finding(said, "info")
     batches = _subset(ctx, opts["samples"])
     results = {}
     for role, net in ctx.networks():

@@ -132,19 +132,38 @@ def resinspect_analyze(ctx) -> Section:
             "info",
         )
     images = _fit_images(ctx, s, n, opts["samples"], 2 if at_init else 1)
+    at_once = max(1, int(AT_ONCE_MACS // ((n + 3) * ctx.multiply_adds())))  # memory: images × blocks
     described = {
         "trained": _describe(
-            path_gradients(ctx.model, blocks, ctx.test_batches(images), ctx.progress), opts["coverage"]
+            path_gradients(ctx.model, blocks, ctx.test_batches(images), ctx.progress, at_once), opts["coverage"]
         )
     }
     init = _at_init(ctx) if at_init else None
     if init is not None:
         described["init"] = _describe(
-            path_gradients(init, residual_blocks(init), ctx.test_batches(images), ctx.progress), opts["coverage"]
+            path_gradients(init, residual_blocks(init), ctx.test_batches(images), ctx.progress, at_once),
+            opts["coverage"],
         )
     twin = _twin_single_path(ctx, blocks[0].name, images) if ctx.twin is not None else None
     _report(s, ctx, n, described, twin, opts["coverage"])
     return s
+
+
+# the images decomposed at once: about this many multiply-adds of forward and (N + 1)-fold backward (resnet50
+# at 224 px: 1 image; resnet20 on digits: 204, more than a batch)
+AT_ONCE_MACS = 1e11
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """Per image ``n + 3`` passes on each network decomposed, and three for the twin's single path."""
+    opts = ctx.options()
+    blocks = residual_blocks(ctx.model)
+    if not blocks:
+        return 0.0
+    networks = 2 if opts["at_init"] and ctx.trained_in_run else 1
+    images = _fit_images(ctx, Section(title="estimate"), len(blocks), opts["samples"], networks)
+    return float(ctx.multiply_adds()) * images * ((len(blocks) + 3) * networks + (3 if ctx.twin is not None else 0))
 
 
 def _fit_images(ctx, s: Section, n: int, samples: int, networks: int) -> int:

@@ -191,6 +191,9 @@ def resinspect_analyze(ctx):
             "info",
         )
     opts = dict(opts, points=_fit_points(ctx, s, len(lines), opts["points"], at_init))
+    # memory: a forward and backward of at most about AT_ONCE_MACS multiply-adds at once (the gradients are the
+    # same whatever the batch: resnet50 at 224 px takes 12 points at a time)
+    opts["batch"] = min(opts["batch"], max(1, int(AT_ONCE_MACS // max(1, ctx.multiply_adds()))))
     results = {}
     for role, net in ctx.networks():
         results[(role, "trained")] = _measure(net, lines, opts["points"], opts["batch"])
@@ -211,6 +214,19 @@ def resinspect_analyze(ctx):
     _findings(s, ctx, results)
     _figures(s, ctx, results)
     return s
+
+
+AT_ONCE_MACS = 5e10
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """A forward and a backward pass (three passes' worth) per point, line, network and state."""
+    opts = ctx.options()
+    at_init = opts["at_init"] and ctx.trained_in_run
+    lines = 2 * opts["lines"]
+    points = _fit_points(ctx, Section(title="estimate"), lines, opts["points"], at_init)
+    return float(ctx.multiply_adds()) * 3 * lines * points * len(ctx.networks()) * (2 if at_init else 1)
 
 
 def _fit_points(ctx, s: Section, lines: int, points: int, at_init: bool) -> int:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from resinspect import Section, hookimpl, is_conv, is_linear, pyplot
+from resinspect import Section, hookimpl, is_conv, is_linear, pyplot, svd_multiply_adds
 from resinspect_plugins._spectra import LayerSpectrum, spectrum
 
 NAME = "spectra"
@@ -91,6 +91,19 @@ def analyse(
         else:
             out.append(sp)
     return out, skipped
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """The singular values of every layer of each network, trained and at initialisation."""
+    opts = ctx.options()
+    total = 0.0
+    for role, net in ctx.networks():
+        states = 2 if opts["at_init"] and ctx.initial_state.get(role) is not None else 1
+        weights: list[torch.Tensor] = [m.weight for _, m in layers_of(net)]  # type: ignore[misc]
+        shapes = [tuple(int(d) for d in w.shape) for w in weights]
+        total += states * sum(svd_multiply_adds(shape) for shape in shapes)
+    return total
 
 
 @hookimpl

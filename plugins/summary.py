@@ -25,11 +25,19 @@ parameters and mult-adds per layer.
 The block map lists every residual block the anatomy found (by tracing the forward pass for an addition of a \
 module's input to a branch): its stage, whether it downsamples, whether its shortcut is the identity or a \
 projection, and its parameters. The receptive field of each stage's output is measured, not estimated: the \
-extent of input pixels with a non-zero gradient for one output position, on a 96×96 probe input.
+extent of input pixels with a non-zero gradient for one output position, on a random probe input of the \
+dataset's image size (at least 96×96), measured again on a probe twice as large while the field fills it \
+(up to 1024 px, and as far as two probe images stay within 5e10 multiply-adds; a field that still fills the \
+largest probe is shown as "≥" its size).
 
 Unraveled, a network of N residual blocks is a collection of 2^N paths from input to output, one per choice \
 of skip or branch in each block. A path's length (how many branches it passes through) follows \
 Binomial(N, 1/2): most paths are of moderate length, and very few are as deep as the network."""
+
+
+# the receptive-field probes beyond the image size: two images of at most this many multiply-adds together
+# (torchvision's resnet50 and convnext_tiny: up to 448 px; resnet20 on digits: up to 1024 px)
+PROBE_MACS = 5e10
 
 
 @hookimpl
@@ -57,21 +65,37 @@ def central_range(n_blocks: int, mass: float = 0.95) -> tuple[int, int, float]:
 
 
 def receptive_fields(
-    model: nn.Module, stages: dict[str, nn.Module], in_channels: int, device: torch.device, size: int = 96
-) -> dict[str, int]:
-    """Measured receptive field (pixels, one side) of each stage's output at the centre position."""
-    fields = {}
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, in_channels, size, size, generator=gen).to(device).requires_grad_(True)
-    with capture(stages, inputs=False, detach=False) as seen, eval_mode(model):
-        model(x)
-    for name, out in seen.outputs.items():
-        if out.dim() != 4:
-            continue
-        h, w = out.shape[-2:]
-        (g,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), x, retain_graph=True)
-        rows = g.abs().sum(dim=(0, 1, 3)).nonzero()
-        fields[name] = int(rows.max() - rows.min() + 1) if len(rows) else 0
+    model: nn.Module,
+    stages: dict[str, nn.Module],
+    in_channels: int,
+    device: torch.device,
+    size: int = 96,
+    largest: int = 1024,
+) -> dict[str, tuple[int, int]]:
+    """Measured receptive field (pixels, one side) of each stage's output at the centre position, with the
+    probe size it was measured on: ``{stage: (field, probe)}``. A field that reaches both edges of the probe
+    is measured again on a probe twice as large (up to ``largest`` pixels); one that still fills it is
+    returned as ``(probe, probe)``: at least that."""
+    fields: dict[str, tuple[int, int]] = {}
+    todo = dict(stages)
+    images = 4
+    while todo:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(images, in_channels, size, size, generator=gen).to(device).requires_grad_(True)
+        with capture(todo, inputs=False, detach=False) as seen, eval_mode(model):
+            model(x)
+        again = {}
+        for name, out in seen.outputs.items():
+            if out.dim() != 4:
+                continue
+            h, w = out.shape[-2:]
+            (g,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), x, retain_graph=True)
+            rows = g.abs().sum(dim=(0, 1, 3)).nonzero()
+            field = int(rows.max() - rows.min() + 1) if len(rows) else 0
+            fields[name] = (field, size)
+            if field >= size and 2 * size <= largest:
+                again[name] = todo[name]
+        todo, size, images = again, 2 * size, 2
     return fields
 
 
@@ -100,6 +124,16 @@ def _torchinfo_rows(model: nn.Module, input_size: tuple[int, ...], depth: int, d
             ]
         )
     return stats, rows
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """torchinfo's forward of one image per network, and the receptive-field probe: four images forward and a
+    backward per stage (about as many again on a probe twice as large, where a field fills the first)."""
+    size = max(96, ctx.data.image_size)
+    stages = len({b.stage_name for b in ctx.blocks("model")})
+    probe = 2 * 4 * (size / max(ctx.data.image_size, 1)) ** 2 * (1 + 2 * stages)
+    return float(ctx.multiply_adds()) * len(ctx.networks()) * (1 + probe)
 
 
 @hookimpl
@@ -153,11 +187,17 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
     stages: dict[str, nn.Module] = {}
     for b in blocks:
         stages.setdefault(b.stage_name, model.get_submodule(b.stage_name) if b.stage_name else model)
+    probe = max(96, data.image_size)
+    # memory: the larger probes hold two images' forward graph; at most PROBE_MACS multiply-adds of them
+    role = "twin" if is_twin else "model"
+    scale = math.sqrt(PROBE_MACS / (2 * max(1, ctx.multiply_adds(role))))
+    largest = max(probe, min(1024, int(data.image_size * scale)))
     try:
-        fields = receptive_fields(model, stages, data.in_channels, ctx.device)
+        measured = receptive_fields(model, stages, data.in_channels, ctx.device, probe, largest)
     except Exception as e:  # noqa: BLE001 - a model that cannot take the probe size still gets its block map
-        fields = {}
-        s.finding(f"Receptive fields could not be measured on a 96×96 probe ({type(e).__name__}).", "info")
+        measured = {}
+        s.finding(f"Receptive fields could not be measured on a {probe}×{probe} probe ({type(e).__name__}).", "info")
+    fields = {k: f if f < size else f"≥ {size}" for k, (f, size) in measured.items()}
     last_in_stage = {b.stage_name: b.name for b in blocks}
     table = []
     sites = any(b.layer != b.name for b in blocks)  # a layer with several additions: show its sites together
@@ -179,8 +219,10 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
             + ", ".join(f"{c} {k}" for k, c in kinds.items())
             + " residual sites, each a block of its own in every analysis."
         )
-    for stage, rf in fields.items():
-        s.metrics[f"receptive_field/{stage or 'root'}"] = rf
+    for stage, (rf, size) in measured.items():
+        s.metrics[f"receptive_field/{stage or 'root'}"] = rf  # at least this where it fills the largest probe
+        if rf >= size:
+            s.metrics[f"receptive_field_fills_probe/{stage or 'root'}"] = size
     lo, hi, covered = central_range(n)
     dist = path_length_distribution(n)
     s.metrics.update({"path_length_mean": n / 2, "path_length_95_low": lo, "path_length_95_high": hi})

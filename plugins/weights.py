@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from resinspect import Section, hookimpl, is_conv, is_linear, pyplot
+from resinspect import Section, hookimpl, is_conv, is_linear, pyplot, svd_multiply_adds
 
 NAME = "weights"
 
@@ -104,6 +104,16 @@ def _analyse_network(
             values = rng.choice(values, opts["max_points"], replace=False)
         samples.append(values)
     return names, stats, samples
+
+
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """The spectral norm (singular values) of every layer of each network, trained and at initialisation."""
+    total = 0.0
+    for role, net in ctx.networks():
+        states = 2 if ctx.initial_state.get(role) else 1
+        total += states * sum(svd_multiply_adds(w.shape) for _, w in layer_weights(net))
+    return total
 
 
 @hookimpl

@@ -9,8 +9,9 @@ and, for plugin authors, everything in ``__all__``: ``hookimpl``, ``Section`` an
 ``StashKey``, the residual anatomy (``residual_blocks``, ``ResidualBlock``, ``block_module``, ``NoHead`` for
 ``ctx.head()``), the probes (``capture``,
 ``capture_batches``, ``on_forward``, ``block_vjp``, ``BlockLinearization``, ``gradient_split``,
-``eval_mode``, the switches ``bypass`` / ``drop_skip`` / ``forwards_replaced``, the type checks) and
-``pyplot``. A plugin imports only these names (``from resinspect import ...``), built-in plugins included.
+``eval_mode``, the switches ``bypass`` / ``drop_skip`` / ``forwards_replaced``, the type checks),
+``svd_multiply_adds`` (for ``resinspect_estimate``) and ``pyplot``. A plugin imports only these names
+(``from resinspect import ...``), built-in plugins included.
 """
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ from .compare import Comparison, compare  # noqa: E402
 from .context import RunContext, StashKey  # noqa: E402
 from .data import DataBundle, load_data  # noqa: E402
 from .errors import ResinspectError  # noqa: E402
+from .estimate import svd_multiply_adds  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
 from .models import build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from .probes import (
@@ -57,6 +59,7 @@ from .settings import RunSettings  # noqa: E402
 from .sweep import SweepResult, sweep  # noqa: E402
 
 __all__ = [
+    "svd_multiply_adds",
     "run",
     "sweep",
     "SweepResult",

@@ -226,6 +226,12 @@ class RunContext:
         n = min(limit, available) if limit else available
         return min(n, self.samples) if self.samples else n
 
+    def train_images(self, limit: int = 0) -> int:
+        """How many images ``train_batches(limit)`` yields (the run's ``--samples`` budget applied)."""
+        available = dataset_size(self.train_loader.dataset)
+        n = min(limit, available) if limit else available
+        return min(n, self.samples) if self.samples else n
+
     def multiply_adds(self, role: str = "model") -> int:
         """Multiply-adds of one image through a network (:func:`resinspect.cost.multiply_adds`, on this run's
         image size; counted once per network)."""

@@ -93,6 +93,15 @@ def resinspect_train_end(ctx: RunContext, trainee: Trainee) -> None:
 
 
 @hookspec
+def resinspect_estimate(ctx: RunContext) -> float | None:
+    """Called before the analysis phase: what ``resinspect_analyze`` will cost, in the model's multiply-adds
+    (``ctx.multiply_adds()`` per image per forward pass; a backward pass counts as two forwards; work on the
+    twin counts as the same work on the model), with the options, budgets and caps it will use. The run turns
+    it into seconds with a timed probe pass and prints it; the report shows it beside the measured seconds.
+    Return None (or do not implement it) when you cannot say."""
+
+
+@hookspec
 def resinspect_analyze(ctx: RunContext) -> Section | list[Section] | None:
     """Called once after training (or after loading a checkpoint) to run the analysis.
 

@@ -26,6 +26,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ResinspectError, UnknownNameError
+from .memory import peak_cuda_mb, peak_rss_mb, reset_peak
 from .options import OptionRegistry
 from .section import Section
 
@@ -135,6 +136,8 @@ class PluginHost:
         self.active: list[str] = []
         self.failures: dict[str, PluginFailure] = {}
         self.timings: dict[str, float] = {}
+        self.peaks: dict[str, dict[str, float]] = {}  # per plugin's analysis: peak memory (resinspect.memory)
+        self.estimated: dict[str, float | None] = {}  # per plugin: the run's estimate of its seconds
         self.fatal = False  # True under torchrun: a plugin error ends the run instead of being recorded
         self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0") if trace is None else trace
         self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
@@ -282,6 +285,25 @@ class PluginHost:
             if self.trace:
                 sys.stderr.write(f"[resinspect] plugin {name} failed in {hook}: {error}\n")
 
+    def estimates(self, ctx: Any) -> dict[str, float | None]:
+        """Every active plugin's ``resinspect_estimate`` (multiply-adds; None where it has none, returns
+        something else, or fails: an estimate never fails a plugin)."""
+        order = [name for name, _, _ in self._hook_impls("resinspect_analyze")]  # the order they will run in
+        out: dict[str, float | None] = {name: None for name in order if name not in self.failures}
+        for name, fn, argnames in self._hook_impls("resinspect_estimate"):
+            if name not in out:
+                continue
+            outer = getattr(ctx, "plugin", None)
+            ctx.plugin = name
+            try:
+                value = fn(**{a: {"ctx": ctx}[a] for a in argnames})
+                out[name] = float(value) if isinstance(value, (int, float)) and value >= 0 else None
+            except Exception:  # noqa: BLE001 - only an estimate
+                out[name] = None
+            finally:
+                ctx.plugin = outer
+        return out
+
     def analyze(
         self,
         ctx: Any,
@@ -303,7 +325,12 @@ class PluginHost:
                 sys.stderr.write(f"[resinspect] analysing: {name}\n")
                 sys.stderr.flush()
             start = time.perf_counter()
+            reset_peak()
             got = self.call("resinspect_analyze", ctx=ctx, only=name)
+            self.peaks[name] = {"rss_mb": round(peak_rss_mb(), 1)}
+            gpu = peak_cuda_mb()
+            if gpu is not None:
+                self.peaks[name]["cuda_mb"] = round(gpu, 1)
             if say is not None:
                 outcome = f"failed ({self.failures[name].error})" if name in self.failures else "ok"
                 say(f"analyze {name}: {outcome} in {time.perf_counter() - start:.1f} s")

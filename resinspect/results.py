@@ -48,6 +48,7 @@ class RunInfo:
     finished: str | None = None
     seconds: float | None = None
     phase: str | None = None  # the stage the run was in when it stopped (interrupted/failed runs)
+    peak_rss_mb: float | None = None  # the process's peak resident memory over the whole run (rank 0)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class PluginResult:
     failed_hook: str | None = None
     traceback: str | None = None
     sections: list[Section] = field(default_factory=list)
+    peak: dict[str, float] = field(default_factory=dict)  # peak memory of its analysis: rss_mb, cuda_mb
+    estimate_seconds: float | None = None  # what the run estimated before the analysis phase
 
 
 @dataclass
@@ -128,6 +131,8 @@ class Results:
                     "failed_hook": p.failed_hook,
                     "traceback": p.traceback,
                     "sections": secs(p.sections),
+                    **({"peak": p.peak} if p.peak else {}),
+                    **({"estimate_seconds": round(p.estimate_seconds, 2)} if p.estimate_seconds is not None else {}),
                 }
                 for n, p in self.plugins.items()
             },
@@ -177,6 +182,8 @@ class Results:
                 failed_hook=p.get("failed_hook"),
                 traceback=p["traceback"],
                 sections=[Section.from_dict(s, load) for s in p.get("sections", [])],
+                peak=dict(p.get("peak") or {}),
+                estimate_seconds=p.get("estimate_seconds"),
             )
         known = {f.name for f in fields(RunInfo)}
         return cls(

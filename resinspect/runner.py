@@ -33,6 +33,7 @@ from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
 from .dossier import dossier_section
 from .errors import CheckpointError, OutputError, ResinspectError, TrainingDiverged
+from .memory import overall_peak_rss_mb
 from .models import build_model, load_checkpoint, save_checkpoint, twin_name
 from .models.pretrained import fit_to_model, load_strict, pretrained_bundle, resolve_weights
 from .models.registry import plain_twin_of, remove_skips
@@ -399,6 +400,7 @@ def _stages(
         results.training = {role: h.to_dict() for role, h in history.items()}
         results.run.phase = "analyze"
         results.write(ctx.run_dir, figures=False)
+    _estimate(ctx, host, results, say, progress)
     with say.phase("analyze"):
         sections = host.analyze(
             ctx, progress=progress, say=say if say.on else None, done=_keep_as_it_goes(ctx, host, results)
@@ -409,6 +411,24 @@ def _stages(
         result = _write(s, nets, ctx, host, results, history, sections, error, config_toml, clock)
     say(f"run {result.status} in {time.perf_counter() - clock:.1f} s: {ctx.run_dir / 'index.html'}")
     return result
+
+
+def _estimate(ctx: RunContext, host: PluginHost, results: Results, say: Narrator, progress: bool) -> None:
+    """Before the analysis phase: the estimate of each plugin's seconds (:mod:`resinspect.estimate`), printed
+    (unless quiet) and kept for results.json."""
+    from .estimate import estimate
+
+    try:
+        est = estimate(ctx, host)
+    except Exception as e:  # noqa: BLE001 - a model the probe cannot run still gets its analysis
+        say(f"estimate: not made ({type(e).__name__}: {e})")
+        return
+    host.estimated = dict(est.plugins)
+    if ctx.is_main:
+        results.environment["estimate"] = est.to_dict()
+        if say.on or progress:
+            sys.stderr.write(f"[resinspect] {est.line()}\n")
+            sys.stderr.flush()
 
 
 def _process_setup(dist: Any, host: PluginHost, dev: torch.device) -> torch.device:
@@ -704,6 +724,7 @@ def _write(
     results.run.phase = None if not error else "train"
     results.run.finished = dt.datetime.now().isoformat(timespec="seconds")
     results.run.seconds = round(time.perf_counter() - clock, 3)
+    results.run.peak_rss_mb = round(overall_peak_rss_mb(), 1)
     results.write(run_dir)
     from .report import render_html
 
@@ -741,6 +762,8 @@ def _plugin_result(host: PluginHost, name: str, sections: list[Section]) -> Plug
         failed_hook=failure.hook if failure else None,
         traceback=failure.traceback if failure else None,
         sections=sections,
+        peak=dict(host.peaks.get(name, {})),
+        estimate_seconds=host.estimated.get(name),
     )
 
 

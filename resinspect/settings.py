@@ -173,8 +173,9 @@ SETTINGS: list[Setting] = [
         float,
         DEFAULT_COMPUTE,
         "Compute budget of one analysis, in the model's multiply-adds: analyses whose cost grows faster than "
-        "linearly (ablation's pairs and random subsets, …) cut those parts to fit, and the report says what "
-        "they cut (0: no budget).",
+        "linearly (ablation's pairs and random subsets, attribution's images and sanity steps, landscape's "
+        "grid, curvature's products, …) cut those parts to fit, and the report says what they cut (0: no "
+        "budget). Before the analysis the run prints each plugin's estimated seconds.",
         check=_within("[0, 1e21]"),
     ),
     Setting(

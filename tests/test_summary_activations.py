@@ -62,7 +62,8 @@ def test_receptive_field_matches_the_arithmetic():
         r, jump = r + 2 * jump, jump * stride
         expected[stage] = r
     del expected["stem"]
-    assert fields == expected == {"layer1": 15, "layer2": 37, "layer3": 81}
+    assert {k: f for k, (f, _) in fields.items()} == expected == {"layer1": 15, "layer2": 37, "layer3": 81}
+    assert {size for _, size in fields.values()} == {96}  # all within the first probe
 
 
 def test_plain_twin_has_one_path(tmp_path, data):

@@ -89,12 +89,15 @@ def render_html(results: Results, config_toml: str) -> str:
         ("started", run.started),
         ("finished", run.finished or ""),
         ("duration", f"{run.seconds or 0:.1f} s"),
+        ("peak memory", f"{run.peak_rss_mb:,.0f} MiB resident" if run.peak_rss_mb else "not measured"),
         ("device", env_info.get("device", "")),
         ("torch threads", str(env_info.get("torch_threads", ""))),
         ("python", env_info.get("python", "")),
         ("packages", ", ".join(f"{k} {v}" for k, v in env_info.get("packages", {}).items())),
         ("dataset", ", ".join(f"{k}={v}" for k, v in results.data.items())),
     ]
+    if results.plugins:
+        run_info.append(("plugins: seconds (estimated), peak memory", _plugins_line(results)))
     if results.tensorboard:
         run_info.append(("TensorBoard", _tensorboard_line(results.tensorboard)))
     footer = (
@@ -128,6 +131,21 @@ def render_html(results: Results, config_toml: str) -> str:
         config_toml=config_toml,
         footer=footer,
     )
+
+
+def _plugins_line(results: Results) -> str:
+    """Each plugin's measured seconds, the run's estimate made before the analysis, and its peak memory."""
+    parts = []
+    for name, p in results.plugins.items():
+        est = f" (est. {p.estimate_seconds:.1f} s)" if p.estimate_seconds is not None else ""
+        peak = f", peak {p.peak['rss_mb']:,.0f} MiB" if "rss_mb" in p.peak else ""
+        gpu = f", CUDA {p.peak['cuda_mb']:,.0f} MiB" if "cuda_mb" in p.peak else ""
+        parts.append(f"{name} {p.seconds:.1f} s{est}{peak}{gpu}")
+    planned: dict[str, Any] = results.environment.get("estimate") or {}
+    total = (
+        f"; estimated in all {planned['total_seconds']:.1f} s before the analysis" if "total_seconds" in planned else ""
+    )
+    return "; ".join(parts) + total
 
 
 def _tensorboard_line(tb: dict) -> str:
