@@ -305,8 +305,8 @@ def test_superlinear_analyses_fit_the_compute_budget_and_skip_a_second_identical
     macs = multiply_adds(resinspect.build_model("resnet8", 1, 10), data.test.tensors[0][:1])
     # room for 120 single-image passes: paths' images (6 passes each for 3 blocks: 20), shattered's points
     # (3 passes x 4 lines each: 10, raised to the floor of 16) and attribution's images (154 passes each:
-    # saliency 3, integrated gradients 3·8, the curves 2·21 of each map and a random one, and 1: none, raised
-    # to the floor of 2) are cut to fit, and each says so
+    # saliency 3, integrated gradients 3·8, the curves 2·21 of each map and a random one, and 1; two do not
+    # fit, so the curves get 10 steps first: 94 passes, one image fits) are cut to fit, and each says so
     result = resinspect.run(model="resnet8", data=data, plugins=["paths", "shattered", "attribution"], epochs=0,
                             device="cpu", compute=120 * macs, out=tmp_path / "r",
                             options={"shattered": {"toy": False, "points": 256},
@@ -322,7 +322,8 @@ def test_superlinear_analyses_fit_the_compute_budget_and_skip_a_second_identical
     assert "20 images decomposed instead of 32" in said
     assert shattered.metrics["points"] == 16 and "model/init/lag1_correlation" not in shattered.metrics
     assert any("16 points per line instead of 256" in f.text for f in shattered.findings)
-    assert any("2 images attributed instead of 8" in f.text for f in attribution.findings)
+    said = next(f.text for f in attribution.findings if f.text.startswith("Fitted"))
+    assert "curve_steps 10 instead of 20" in said and "1 image(s) attributed instead of 8" in said
 
 
 def test_attributions_internal_batch_is_bounded_by_the_models_size():

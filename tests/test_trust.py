@@ -400,6 +400,8 @@ def test_without_a_terminal_each_phase_and_plugin_prints_one_line_with_its_secon
     expected = [r"run .*resnet8 on digits, 2 epoch\(s\), plugins summary, weights", r"train: start",
                 r"train resnet8: epoch 1/2, test accuracy 0\.\d{4}, \d+\.\d s",
                 r"train resnet8: epoch 2/2, test accuracy 0\.\d{4}, \d+\.\d s", r"train: done in \d+\.\d s",
+                r"estimate: \S+ s of analysis \(summary \S+ s, weights \S+ s\), from a probe pass of \d+ image\(s\) "
+                r"forward and backward in \d+\.\d\d s",
                 r"analyze: start", r"analyze summary: start", r"analyze summary: ok in \d+\.\d s",
                 r"analyze weights: start", r"analyze weights: ok in \d+\.\d s", r"analyze: done in \d+\.\d s",
                 r"write: start", r"write: done in \d+\.\d s", r"run complete in \d+\.\d s: .*index.html"]
