@@ -143,8 +143,8 @@ def plan_of(ctx, opts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     want = ctx.test_images(opts["images"])
     plan = ctx.compute_plan(1)
     _coarser(out, plan, methods, size, min(want, 2))
-    maps_each = sum(_passes(key, out, size) for _, key, _ in methods)
-    per_image = maps_each + 2 * (out["curve_steps"] + 1) * (len(methods) + 1) + 1
+    maps_each, scored = _study_passes(out, methods, size)
+    per_image = scored + 1  # and the prediction
     floor = min(want, 2 if plan.budget == 0 or 2 * per_image <= plan.budget / plan.per_pass else 1)
     got = plan.most(per_image, want)
     if got < floor:
@@ -172,6 +172,13 @@ def plan_of(ctx, opts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return out, plan
 
 
+def _study_passes(opts: dict[str, Any], methods: list, size: tuple[int, int]) -> tuple[float, float]:
+    """``(maps, scored)``: the passes of one image's maps (every method), and of its maps with their deletion
+    and insertion curves (every map's and a random one's)."""
+    maps = sum(_passes(key, opts, size) for _, key, _ in methods)
+    return maps, maps + 2 * (opts["curve_steps"] + 1) * (len(methods) + 1)
+
+
 # a model so large that not even two images of the full study fit the budget gets coarser settings first
 COARSER = (("curve_steps", 10), ("ig_steps", 16), ("smoothgrad_samples", 8))
 
@@ -183,8 +190,7 @@ def _coarser(out: dict[str, Any], plan: Any, methods: list, size: tuple[int, int
         return
 
     def cost() -> float:
-        per = sum(_passes(k, out, size) for _, k, _ in methods) + 2 * (out["curve_steps"] + 1) * (len(methods) + 1)
-        return images * per * plan.per_pass
+        return images * _study_passes(out, methods, size)[1] * plan.per_pass
 
     for key, least in COARSER:
         was = out[key]

@@ -88,15 +88,11 @@ def plan_of(ctx, opts: dict) -> tuple[dict, float, list[str]]:
 
 
 def fitted_finding(ctx, cuts: list[str]) -> str | None:
-    """The finding that says what fitting to the compute budget cut (None: nothing)."""
-    if not cuts:
-        return None
-    return (
-        f"Fitted to the compute budget (--compute {ctx.compute:.3g} multiply-adds; this model does "
-        f"{ctx.multiply_adds():.3g} per image): "
-        + "; ".join(cuts)
-        + ". Pass --compute 0 (no budget) or a larger one for the full study."
-    )
+    """The finding that says what fitting to the compute budget cut (None: nothing): the compute plan's own
+    sentence, as ablation, paths, shattered and attribution say it."""
+    plan = ctx.compute_plan(1)
+    plan.cuts.extend(cuts)
+    return plan.finding(ctx.multiply_adds(), 1)
 
 
 @hookimpl

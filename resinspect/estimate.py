@@ -1,9 +1,9 @@
 """How long the analysis will take, said before it starts.
 
 Each plugin that can says what its analysis will cost in the model's multiply-adds (the hook
-``resinspect_estimate``, with the options, budgets and caps it will use). One timed probe pass turns that into
-seconds on this machine: a forward and a backward pass of the model over a batch of test images (after a
-warm-up), whose multiply-adds are ``3 · images · multiply_adds()``. The run prints the estimate per plugin and
+``resinspect_estimate``, with the options, budgets and caps it will use). A timed probe turns that into seconds
+on this machine (:func:`probe`: a forward and backward pass of the model over a batch of test images after a
+warm-up, and a forward pass without gradients). The run prints the estimate per plugin and
 the total before the analysis phase; results.json keeps it beside the measured seconds of each plugin.
 """
 

@@ -296,7 +296,7 @@ class PluginHost:
             outer = getattr(ctx, "plugin", None)
             ctx.plugin = name
             try:
-                value = fn(**{a: {"ctx": ctx}[a] for a in argnames})
+                value = fn(**{a: ctx for a in argnames})  # (ctx is the hook's only argument)
                 out[name] = float(value) if isinstance(value, (int, float)) and value >= 0 else None
             except Exception:  # noqa: BLE001 - only an estimate
                 out[name] = None
