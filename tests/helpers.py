@@ -134,3 +134,19 @@ class TensorBoardServer:
         return self.post("/data/plugin/hparams/session_groups", {
             "experimentName": "", "allowedStatuses": statuses, "startIndex": 0, "sliceSize": 1000,
             "colParams": []})["sessionGroups"]
+
+
+def write_image_folder(root, classes, per_class: int, height: int, width: int, seed: int, split: str = "val"):
+    """An ImageFolder of random RGB JPEGs: ``root/split/<class>/<i>.jpg``, image ``i`` of each class
+    ``height + i`` by ``width`` pixels (odd sizes, as real photos), drawn from one seeded generator in class
+    order. Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / split / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 255, (height + i, width, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / split / name / f"{i}.jpg")
+    return root

@@ -4,11 +4,11 @@ hub cache is a fake one under TORCH_HOME, the files are written here in their re
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from helpers import write_image_folder
 from PIL import Image
 
 import resinspect
@@ -29,13 +29,7 @@ WNIDS = ["n01440764", "n01443537"]  # ImageNet classes 0 (tench) and 1 (goldfish
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """An evaluation-only ImageFolder (val/ only) with wnid-named classes, 3 JPEGs each, odd sizes."""
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for wnid in WNIDS:
-        (root / "val" / wnid).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(root / "val" / wnid / f"{i}.jpg")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"), WNIDS, 3, 40, 50, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import copy
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import write_image_folder
 from PIL import Image
 
 import resinspect
@@ -26,14 +26,7 @@ WNIDS = ["n01440764", "n01443537"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(1)
-    for wnid in WNIDS:
-        (root / "val" / wnid).mkdir(parents=True)
-        for i in range(2):
-            img = rng.integers(0, 255, (60 + i, 70, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / "val" / wnid / f"{i}.jpg")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"), WNIDS, 2, 60, 70, seed=1)
 
 
 def test_a_timm_state_dict_keeps_its_head_and_timm_s_own_transform(folder, tmp_path):
