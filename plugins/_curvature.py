@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from resinspect import cross_entropy
 
 
 class HessianOperator:
@@ -33,11 +34,11 @@ class HessianOperator:
         self.params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.dim = sum(self.sizes)
-        loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y))
-        total = sum(len(y) for _, y in batches)
+        loss_fn = loss_fn or (lambda out, y: cross_entropy(out, y))
+        total = sum(y.numel() for _, y in batches)
         self.grads = []
         for x, y in batches:
-            loss = loss_fn(model(x), y) * (len(y) / total)
+            loss = loss_fn(model(x), y) * (y.numel() / total)
             self.grads.append(torch.autograd.grad(loss, self.params, create_graph=True))
         self.products = 0
         self.device = self.params[0].device

@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
+
+from resinspect import cross_entropy
 
 
 def filter_normalised_direction(params: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -89,9 +90,9 @@ class Surface:
             for x, y in batches
             for i in range(0, len(y), sub_batch)
         ]
-        self.count = sum(len(y) for _, y in batches)
+        self.count = sum(y.numel() for _, y in batches)
         self.chunk = chunk
-        self.loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+        self.loss_fn = loss_fn or (lambda out, y: cross_entropy(out, y, reduction="sum"))
         self.vectorised = chunk > 1
 
     def evaluate(self, coords: torch.Tensor) -> Evaluation:
@@ -122,7 +123,7 @@ class Surface:
             for x, y in self.batches:
                 out = self.model(x)
                 loss += float(self.loss_fn(out, y))
-                correct += int((out.argmax(1) == y).sum())
+                correct += int((out.argmax(-1) == y).sum())
             losses.append(loss / self.count)
             accs.append(correct / self.count)
         return Evaluation(torch.tensor(losses, dtype=torch.float64), torch.tensor(accs, dtype=torch.float64))
@@ -147,7 +148,7 @@ class Surface:
             for x, y in self.batches:
                 out = batched(weights, x)  # [P, B, outputs]
                 loss += torch.stack([self.loss_fn(o, y) for o in out]).double()
-                correct += (out.argmax(2) == y).sum(1)
+                correct += (out.argmax(-1) == y).flatten(1).sum(1)
             losses.append(loss.cpu() / self.count)
             accs.append(correct.cpu().double() / self.count)
         return Evaluation(torch.cat(losses), torch.cat(accs))

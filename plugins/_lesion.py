@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from resinspect import bypass, drop_skip, forwards_replaced, on_forward
+from resinspect import bypass, cross_entropy, drop_skip, forwards_replaced, on_forward
 
 __all__ = ["Lesion", "LesionStats", "lesion_sweep", "identity_replaced", "applied_lesion"]
 
@@ -60,8 +59,8 @@ class _Sums:
         self.count = 0
 
     def add(self, i: int, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.correct[i] += (logits.argmax(1) == y).sum()
-        self.loss[i] += F.cross_entropy(logits, y, reduction="sum").double()
+        self.correct[i] += (logits.argmax(-1) == y).sum()
+        self.loss[i] += cross_entropy(logits, y, reduction="sum").double()
 
     def result(self) -> list[LesionStats]:
         return [LesionStats(self.count, int(c), float(s)) for c, s in zip(self.correct.tolist(), self.loss.tolist())]
@@ -136,8 +135,8 @@ def lesion_sweep(
                     stack.enter_context(_replaying(modules[:first], cache[:first]))
                 stack.enter_context(applied_lesion(model, blocks, lesion))
                 sums.add(i, model(x), y)
-        sums.count += len(y)
-        clean_sums.count += len(y)
+        sums.count += y.numel()
+        clean_sums.count += y.numel()
     if sums is None:
         raise ValueError("lesion_sweep: no batches to evaluate")
     return clean_sums.result()[0], sums.result()

@@ -117,6 +117,8 @@ def resinspect_analyze(ctx) -> Section:
     opts = ctx.options(NAME)
     s = Section(title="Attribution maps, scored", explanation=EXPLANATION, docs="explainer-sanity")
     s.key_metrics = ["integrated_gradients/deletion_auc", "saliency/deletion_auc"]
+    if ctx.task.is_language:
+        return s.skip("attribution maps are of images; token attribution for language models is not built yet")
     with eval_mode(ctx.model):
         return _analyze(ctx, ctx.model, opts, s)
 
@@ -211,6 +213,8 @@ def _fitted(ctx, opts: dict[str, Any], s: Section) -> dict[str, Any]:
 @hookimpl
 def resinspect_estimate(ctx) -> float:
     """The study's multiply-adds, as :func:`plan_of` fits it."""
+    if ctx.task.is_language:
+        return 0.0
     return plan_of(ctx, ctx.options(NAME))[1].spent
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resinspect import NoHead, Section, capture, eval_mode, hookimpl, no_blocks_reason, pyplot
+from resinspect import NoHead, Section, capture, cross_entropy, eval_mode, hookimpl, no_blocks_reason, pyplot
 
 NAME = "lens"
 
@@ -166,7 +166,7 @@ def _fit(jobs: list[tuple[Translator, torch.Tensor, torch.Tensor]], head: nn.Mod
         with torch.enable_grad():
             logits = head(torch.cat([t(f) for t, f, _ in jobs]))
             loss = torch.stack(
-                [F.cross_entropy(chunk, target) for chunk, (_, _, target) in zip(torch.split(logits, sizes), jobs)]
+                [cross_entropy(chunk, target) for chunk, (_, _, target) in zip(torch.split(logits, sizes), jobs)]
             ).sum()
             grads = torch.autograd.grad(loss, params)
         for p, g in zip(params, grads):
@@ -234,9 +234,9 @@ def read_network(ctx, role: str, opts: dict) -> dict:
                 out = net(x)
                 seen = take()
                 logp_final = torch.log_softmax(out.double(), -1)
-                sums["n"] += len(y)
+                sums["n"] += y.numel()
                 sums["final_correct"] += float((out.argmax(-1) == y).sum())
-                sums["final_ce"] += float(F.nll_loss(logp_final, y, reduction="sum"))
+                sums["final_ce"] += float(cross_entropy(logp_final, y, reduction="sum"))
                 for name, _, _ in points:
                     s = seen[name]
                     readouts = {}
@@ -250,7 +250,7 @@ def read_network(ctx, role: str, opts: dict) -> dict:
                         logq = torch.log_softmax(logits.double(), -1)
                         key = f"{name}|{kind}"
                         sums[f"{key}|correct"] = sums.get(f"{key}|correct", 0.0) + float((logits.argmax(-1) == y).sum())
-                        sums[f"{key}|ce"] = sums.get(f"{key}|ce", 0.0) + float(F.nll_loss(logq, y, reduction="sum"))
+                        sums[f"{key}|ce"] = sums.get(f"{key}|ce", 0.0) + float(cross_entropy(logq, y, reduction="sum"))
                         kl = (logp_final.exp() * (logp_final - logq)).sum(-1)
                         sums[f"{key}|kl"] = sums.get(f"{key}|kl", 0.0) + float(kl.sum())
     sums = ctx.all_reduce(sums)

@@ -116,6 +116,8 @@ def resinspect_analyze(ctx) -> Section:
     opts = ctx.options()
     s = Section(title="Paths: the gradient decomposed by path length", explanation=EXPLANATION, docs="explainer-paths")
     s.key_metrics = ["trained/effective_low", "trained/effective_high", "trained/gradient_weighted_length"]
+    if ctx.task.is_language:
+        return s.skip("the path decomposition is of the gradient with respect to the input, and token ids have none")
     blocks = ctx.blocks("model")
     if not blocks:
         s.finding(
@@ -159,7 +161,7 @@ def resinspect_estimate(ctx) -> float:
     """Per image ``n + 3`` passes on each network decomposed, and three for the twin's single path."""
     opts = ctx.options()
     blocks = residual_blocks(ctx.model)
-    if not blocks:
+    if not blocks or ctx.task.is_language:
         return 0.0
     networks = 2 if opts["at_init"] and ctx.trained_in_run else 1
     images = _fit_images(ctx, Section(title="estimate"), len(blocks), opts["samples"], networks)

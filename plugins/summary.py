@@ -99,12 +99,12 @@ def receptive_fields(
     return fields
 
 
-def _torchinfo_rows(model: nn.Module, input_size: tuple[int, ...], depth: int, device: torch.device):
+def _torchinfo_rows(model: nn.Module, input_size: tuple[int, ...], depth: int, device: torch.device, tokens: bool):
     import torchinfo
 
     stats = torchinfo.summary(
         model,
-        input_size=input_size,
+        **({"input_data": torch.zeros(input_size, dtype=torch.long)} if tokens else {"input_size": input_size}),
         depth=depth,
         verbose=0,
         device=device,
@@ -130,6 +130,8 @@ def _torchinfo_rows(model: nn.Module, input_size: tuple[int, ...], depth: int, d
 def resinspect_estimate(ctx) -> float:
     """torchinfo's forward of one image per network, and the receptive-field probe: four images forward and a
     backward per stage (about as many again on a probe twice as large, where a field fills the first)."""
+    if ctx.task.is_language:
+        return float(ctx.multiply_adds()) * len(ctx.networks())
     size = max(96, ctx.data.image_size)
     stages = len({b.stage_name for b in ctx.blocks("model")})
     probe = 2 * 4 * (size / max(ctx.data.image_size, 1)) ** 2 * (1 + 2 * stages)
@@ -153,9 +155,10 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
         role="twin" if is_twin else "model",
     )
     data = ctx.data
-    input_size = (1, data.in_channels, data.image_size, data.image_size)
+    tokens = ctx.task.is_language
+    input_size = (1, data.image_size) if tokens else (1, data.in_channels, data.image_size, data.image_size)
     with eval_mode(model):
-        stats, rows = _torchinfo_rows(model, input_size, opts["depth"], ctx.device)
+        stats, rows = _torchinfo_rows(model, input_size, opts["depth"], ctx.device, tokens)
     params = sum(p.numel() for p in model.parameters())
     s.metrics.update(
         {
@@ -168,7 +171,7 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
         f"Layers (torchinfo, input {list(input_size)})",
         ["layer", "output shape", "parameters", "mult-adds"],
         rows,
-        caption=f"Total: {params:,} parameters, {int(stats.total_mult_adds):,} mult-adds per image.",
+        caption=f"Total: {params:,} parameters, {int(stats.total_mult_adds):,} mult-adds per {ctx.task.sample}.",
         fold=True,
     )
     blocks = residual_blocks(model)
@@ -187,25 +190,17 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
     stages: dict[str, nn.Module] = {}
     for b in blocks:
         stages.setdefault(b.stage_name, model.get_submodule(b.stage_name) if b.stage_name else model)
-    probe = max(96, data.image_size)
-    # memory: the larger probes hold two images' forward graph; at most PROBE_MACS multiply-adds of them
-    role = "twin" if is_twin else "model"
-    scale = math.sqrt(PROBE_MACS / (2 * max(1, ctx.multiply_adds(role))))
-    largest = max(probe, min(1024, int(data.image_size * scale)))
-    try:
-        measured = receptive_fields(model, stages, data.in_channels, ctx.device, probe, largest)
-    except Exception as e:  # noqa: BLE001 - a model that cannot take the probe size still gets its block map
-        measured = {}
-        s.finding(f"Receptive fields could not be measured on a {probe}×{probe} probe ({type(e).__name__}).", "info")
+    measured = {} if tokens else _fields(ctx, s, model, stages, is_twin)
     fields = {k: f if f < size else f"≥ {size}" for k, (f, size) in measured.items()}
     last_in_stage = {b.stage_name: b.name for b in blocks}
     table = []
     sites = any(b.layer != b.name for b in blocks)  # a layer with several additions: show its sites together
     for b in blocks:
         rf = fields.get(b.stage_name) if last_in_stage[b.stage_name] == b.name else None
-        row = [b.name, b.stage, b.downsamples, b.shortcut_kind, b.parameters_count(), rf]
+        row = [b.name, b.stage, b.downsamples, b.shortcut_kind, b.parameters_count()] + ([] if tokens else [rf])
         table.append([b.layer, b.kind, *row] if sites else row)
-    columns = ["block", "stage", "downsamples", "shortcut", "parameters", "receptive field at stage output (px)"]
+    columns = ["block", "stage", "downsamples", "shortcut", "parameters"]
+    columns += [] if tokens else ["receptive field at stage output (px)"]
     s.table(
         "Residual block map" + (" (residual sites, by layer)" if sites else ""),
         ["layer", "kind", *columns] if sites else columns,
@@ -242,6 +237,21 @@ def _summarise(ctx, model: nn.Module, label: str, opts: dict[str, Any], is_twin:
         s.finding(f"Projection shortcuts (every path must cross them): {', '.join(proj)}.", "info")
     _path_figure(s, n, dist, lo, hi)
     return s
+
+
+def _fields(ctx, s: Section, model: nn.Module, stages: dict[str, nn.Module], is_twin: bool) -> dict:
+    """Each stage's receptive field on a probe of the image size, grown while a field fills it."""
+    data = ctx.data
+    probe = max(96, data.image_size)
+    # memory: the larger probes hold two images' forward graph; at most PROBE_MACS multiply-adds of them
+    role = "twin" if is_twin else "model"
+    scale = math.sqrt(PROBE_MACS / (2 * max(1, ctx.multiply_adds(role))))
+    largest = max(probe, min(1024, int(data.image_size * scale)))
+    try:
+        return receptive_fields(model, stages, data.in_channels, ctx.device, probe, largest)
+    except Exception as e:  # noqa: BLE001 - a model that cannot take the probe size still gets its block map
+        s.finding(f"Receptive fields could not be measured on a {probe}×{probe} probe ({type(e).__name__}).", "info")
+        return {}
 
 
 def _path_figure(s: Section, n: int, dist, lo: int, hi: int) -> None:

@@ -57,9 +57,14 @@ from .runner import RunResult, run  # noqa: E402
 from .section import Figure, Finding, Section, Table, pyplot  # noqa: E402
 from .settings import RunSettings  # noqa: E402
 from .sweep import SweepResult, sweep  # noqa: E402
+from .task import CLASSIFICATION, NEXT_TOKEN, Task, cross_entropy  # noqa: E402
 
 __all__ = [
     "svd_multiply_adds",
+    "Task",
+    "CLASSIFICATION",
+    "NEXT_TOKEN",
+    "cross_entropy",
     "run",
     "sweep",
     "SweepResult",

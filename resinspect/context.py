@@ -18,6 +18,7 @@ from .data import DataBundle
 from .data.bundle import dataset_size
 from .distributed import SINGLE, Distributed
 from .errors import ResinspectError, UnknownNameError
+from .task import Task, task_named
 from .tensorboard import TensorBoardRuns
 
 __all__ = ["RunContext", "Stash", "StashKey"]
@@ -199,6 +200,14 @@ class RunContext:
             self.initial_state[role] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
     # -- data ----------------------------------------------------------------------------------
+    @property
+    def task(self) -> Task:
+        """The run's :class:`~resinspect.task.Task`, chosen by the data: ``ctx.task.loss(outputs, y)`` is the
+        mean loss of a batch (cross-entropy over images, or over every token of a language model),
+        ``ctx.task.correct(outputs, y)`` the right predictions, ``ctx.task.predictions(y)`` their number,
+        ``ctx.task.is_language`` True for next-token data."""
+        return task_named(self.data.task)
+
     def test_batches(self, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` test batches on the device (``ctx.device``).
 

@@ -34,6 +34,7 @@ class Estimate:
     seconds_per_mac: float
     plugins: dict[str, float | None] = field(default_factory=dict)
     multiply_adds: dict[str, float | None] = field(default_factory=dict)
+    sample: str = "image"
 
     @property
     def total(self) -> float:
@@ -45,7 +46,8 @@ class Estimate:
         return (
             f"estimate: {format_seconds(self.total)} of analysis ({', '.join(parts)}"
             + (f"; no estimate from {', '.join(unknown)}" if unknown else "")
-            + f"), from a probe pass of {self.images} image(s) forward and backward in {self.probe_seconds:.2f} s"
+            + f"), from a probe pass of {self.images} {self.sample}(s) forward and backward in "
+            + f"{self.probe_seconds:.2f} s"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def estimate(ctx: Any, host: Any) -> Estimate:
     """The probe, then every active plugin's ``resinspect_estimate`` in seconds (a plugin whose estimate
     fails or that has none: None)."""
     images, seconds, per_mac = probe(ctx)
-    out = Estimate(images, seconds, per_mac)
+    out = Estimate(images, seconds, per_mac, sample=ctx.task.sample)
     for name, macs in host.estimates(ctx).items():
         out.multiply_adds[name] = macs
         out.plugins[name] = None if macs is None else float(macs) * per_mac

@@ -43,6 +43,7 @@ from .results import PluginResult, Results, RunInfo
 from .rundir import dump_toml, new_run_dir, output_error, write_atomic
 from .section import Section, pyplot
 from .settings import DEFAULT_EPOCHS, RunSettings
+from .task import task_named
 from .tensorboard import TensorBoardRuns
 from .training import History, resolve_device, train_model
 
@@ -112,7 +113,8 @@ def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None)
     num_classes = int(max(int(y.max()) + 1, 2))
     if model is not None:
         with torch.no_grad(), eval_mode(model):
-            num_classes = model(x[:2].to(next(model.parameters()).device)).shape[1]
+            num_classes = model(x[:2].to(next(model.parameters()).device)).shape[-1]
+    language = not x.is_floating_point() and y.dim() == 2  # token ids in, next tokens out
     return DataBundle(
         name="custom",
         train=train.dataset,
@@ -122,6 +124,7 @@ def _bundle_from_loaders(loaders: Sequence[DataLoader], model: nn.Module | None)
         num_classes=num_classes,
         class_names=[str(i) for i in range(num_classes)],
         info={"source": "DataLoader pair"},
+        task="next-token" if language else "classification",
     )
 
 
@@ -211,9 +214,43 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
     else:
         train_loader, test_loader = make_loaders(bundle, s.train_config().batch_size, s.seed)
     sharded = make_loaders(bundle, s.train_config().batch_size, s.seed, dist=dist)[0] if dist.enabled else None
+    _check_fits(bundle, [(label, net), (twin_label or "", twin_net)], test_loader)
     return _Networks(
         bundle, net, label, twin_net, twin_label, train_loader, test_loader, arch, sharded, isinstance(model, nn.Module)
     )
+
+
+def _check_fits(bundle: DataBundle, nets: list[tuple[str, nn.Module | None]], loader: DataLoader) -> None:
+    """One line, before any training, when a network cannot read the data or its outputs cannot be scored
+    under the data's task (an image classifier on token sequences, a language model on images)."""
+    task = task_named(bundle.task)
+    x, y = next(iter(loader))
+    for label, net in nets:
+        # only where a mismatch is possible: token data, or a network that embeds tokens (an image model on
+        # images runs as before, without an extra forward pass)
+        if net is None or not (task.is_language or any(isinstance(m, nn.Embedding) for m in net.modules())):
+            continue
+        device = next(iter(net.parameters()), torch.empty(0)).device
+        try:
+            with torch.no_grad(), eval_mode(net):
+                out = net(x[:2].to(device))
+        except Exception as e:  # noqa: BLE001 - any failure to read the data is the same user mistake
+            first = (str(e).strip().splitlines() or [""])[0]
+            kind = "token sequences (next-token task)" if task.is_language else f"{tuple(x.shape[1:])} inputs"
+            hint = (
+                "a next-token dataset needs a language model (gpt-tiny, attn-only-2, hf:<folder>)"
+                if task.is_language
+                else "language models (gpt-tiny, attn-only-2, hf:) need next-token data (--data induction or text)"
+            )
+            raise ResinspectError(
+                f"model {label} cannot read dataset {bundle.name}'s {kind}: {type(e).__name__}: {first[:160]}; " + hint
+            ) from None
+        if not isinstance(out, torch.Tensor):
+            raise ResinspectError(f"model {label} returned {type(out).__name__}, not a tensor of logits")
+        try:
+            task.check(out, y[:2].to(out.device))
+        except ResinspectError as e:
+            raise ResinspectError(f"model {label} on dataset {bundle.name}: {e}") from None
 
 
 def _twin_for(
@@ -655,8 +692,10 @@ def _train(
             def save(module: nn.Module, metrics: dict[str, float], ckpt: Path = ckpt, label: str = label) -> None:
                 _save_checkpoint(ckpt, module, label, nets, metrics)
                 say(
-                    f"train {label}: epoch {metrics.get('epoch', '?')}/{s.epochs}, test accuracy "
-                    f"{metrics.get('test_accuracy', float('nan')):.4f}, {metrics.get('seconds', 0.0):.1f} s"
+                    f"train {label}: epoch {metrics.get('epoch', '?')}/{s.epochs}, test {ctx.task.score} "
+                    f"{metrics.get('test_accuracy', float('nan')):.4f}"
+                    + (f", perplexity {metrics['test_perplexity']:.2f}" if "test_perplexity" in metrics else "")
+                    + f", {metrics.get('seconds', 0.0):.1f} s"
                 )
 
             main = ctx.is_main  # training-time plugins see the averaged gradients and record on rank 0 only
@@ -801,7 +840,7 @@ def _training_section(ctx: RunContext, history: dict[str, History]) -> Section:
         title="Training",
         plugin="core",
         docs="explainer-degradation",
-        explanation="Loss per step and test accuracy per epoch of the model"
+        explanation=f"Loss per step and test {ctx.task.score} per epoch of the model"
         + (
             " and its plain twin (same layers without shortcuts, same data order and seed)."
             if "twin" in history
@@ -839,15 +878,24 @@ def _training_section(ctx: RunContext, history: dict[str, History]) -> Section:
                 label=ctx.label(role),
             )
         a.set(xlabel="step", ylabel="training loss", yscale="log", title="Loss per step")
-        b.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy", ylim=(0, 1.02))
+        b.set(xlabel="epoch", ylabel=f"test {ctx.task.score}", title=f"Test {ctx.task.score}", ylim=(0, 1.02))
         a.legend(), b.legend()
         s.figure(fig, "Training curves", "Left: training loss per step (log scale). Right: test accuracy per epoch.")
     if "twin" in history and history["twin"].epochs and history["model"].epochs:
         gap = history["model"].epochs[-1]["test_accuracy"] - history["twin"].epochs[-1]["test_accuracy"]
         s.finding(
             f"After {len(history['model'].epochs)} epochs the residual network reaches "
-            f"{history['model'].epochs[-1]['test_accuracy']:.1%} test accuracy and its plain twin "
-            f"{history['twin'].epochs[-1]['test_accuracy']:.1%} ({gap * 100:+.1f} points for the shortcuts).",
+            f"{history['model'].epochs[-1]['test_accuracy']:.1%} test {ctx.task.score} and its plain twin "
+            f"{history['twin'].epochs[-1]['test_accuracy']:.1%} ({gap * 100:+.1f} points for the shortcuts)."
+            + _perplexities(history),
             "good" if gap > 0.02 else "info",
         )
     return s
+
+
+def _perplexities(history: dict[str, History]) -> str:
+    """ " Test perplexity …" for a language model's training finding (empty for classification)."""
+    last = {role: h.epochs[-1].get("test_perplexity") for role, h in history.items() if h.epochs}
+    if None in last.values() or len(last) < 2:
+        return ""
+    return f" Test perplexity {last['model']:.2f} vs {last['twin']:.2f}."

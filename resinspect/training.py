@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .distributed import SINGLE, Distributed
 from .errors import ResinspectError, TrainingDiverged
 from .probes import eval_mode
+from .task import CLASSIFICATION, Task
 
 __all__ = [
     "TrainConfig",
@@ -147,10 +147,11 @@ def _global_sums(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed = SINGLE
+    model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed = SINGLE, task: Task = CLASSIFICATION
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over ``loader``, accumulated as sums (under torchrun each rank takes
-    its share of the batches and the sums are added up). Mode is restored."""
+    """Mean cross-entropy and accuracy over ``loader`` under ``task`` (per image, or per token with perplexity
+    for a language model), accumulated as sums (under torchrun each rank takes its share of the batches and
+    the sums are added up). Mode is restored."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
@@ -158,14 +159,12 @@ def evaluate(
         for x, y in dist.shard(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-            count += len(y)
+            loss_sum += task.loss(logits, y, reduction="sum").double()
+            correct += task.correct(logits, y)
+            count += task.predictions(y)
     if dist.enabled:
         loss_sum, correct, count = _global_sums(dist, loss_sum, correct, count)
-    if count == 0:
-        return {"loss": float("nan"), "accuracy": float("nan")}
-    return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
+    return task.metrics(loss_sum.item(), correct.item(), count)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -323,6 +322,7 @@ class _Loop:
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
         self.cfg, self.device, self.role, self.hooks, self.ctx = cfg, device, role, hooks, ctx
+        self.task: Task = getattr(ctx, "task", CLASSIFICATION)  # the run's task (RunContext.task), by its data
         self.writer, self.on_epoch_end = writer, on_epoch_end
         self.optimizer = _optimizer(model, cfg)
         steps = len(train_loader)
@@ -353,21 +353,22 @@ class _Loop:
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = self.step(epoch, i, x, y)
-            loss_sum += loss.double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+            loss_sum += loss.double() * self.task.predictions(y)
+            correct += self.task.correct(logits, y)
+            seen += self.task.predictions(y)
         if self.scheduler is not None and not self.per_step_schedule:
             self.scheduler.step()
         if self.dist.enabled:
             loss_sum, correct, seen = _global_sums(self.dist, loss_sum, correct, seen)
             self.dist.average_buffers(model)
-        test = evaluate(model, self.test_loader, device, self.dist)
+        test = evaluate(model, self.test_loader, device, self.dist, self.task)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum.item() / max(1, seen),
             "train_accuracy": correct.item() / max(1, seen),
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
+            **({"test_perplexity": test["perplexity"]} if "perplexity" in test else {}),
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - self.start,
         }
@@ -384,7 +385,7 @@ class _Loop:
     def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.forward(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.task.loss(logits, y)
         loss.backward()
         # under torchrun: the mean over the whole (global) batch, the same on every rank, so that every rank
         # stops together if it is not finite

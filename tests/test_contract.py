@@ -69,3 +69,14 @@ def test_the_contract_catches_a_plugin_that_leaves_a_hook(tmp_path):
             check_contract("leaky_plugin", models=("resnet20",))
     finally:
         sys.modules.pop("leaky_plugin", None)
+
+
+@pytest.mark.parametrize("plugin", INSTALLED)
+def test_plugin_contract_on_a_language_model(plugin):
+    """The same contract on a small GPT trained for next-token prediction (token ids in, (B, T, V) logits out):
+    every plugin runs or says in a skipped section why it cannot apply."""
+    from resinspect.data.tokens import load_induction
+
+    data = load_induction(vocab=16, length=12, train=64, test=32)
+    check_contract(plugin, models=("gpt-tiny-2",), options={plugin: FAST[plugin]} if plugin in FAST else None,
+                   data=data)

@@ -46,10 +46,13 @@ def test_torchvision_models_are_adapted(arch, in_channels, size):
 @pytest.mark.parametrize("name", [n for n in model_names() if not n.startswith("torchvision:")
                                   and n not in ("resnet110", "plain110")])
 def test_every_registered_model_does_forward_and_backward(name):
+    from resinspect.models.registry import MODELS
+
     m = build_model(name, in_channels=1, num_classes=4, image_size=16)
-    out = m(torch.randn(2, 1, 16, 16))
+    language = MODELS[name].task == "next-token"  # token ids in, logits at every position out
+    out = m(torch.randint(0, 4, (2, 16)) if language else torch.randn(2, 1, 16, 16))
     out.sum().backward()
-    assert out.shape == (2, 4)
+    assert out.shape == ((2, 16, 4) if language else (2, 4))
     assert all(p.grad is not None for p in m.parameters())
 
 

@@ -10,6 +10,7 @@ from ..errors import DataError, UnknownNameError
 from .bundle import DataBundle, make_loaders
 from .bundled import SHAPE_CLASSES, load_digits, load_shapes, make_shapes
 from .files import load_cifar10, load_imagefolder, load_mnist
+from .tokens import load_induction, load_text
 
 __all__ = [
     "DataBundle",
@@ -29,8 +30,10 @@ DATASETS: dict[str, tuple[Callable[..., DataBundle], str]] = {
     "fashionmnist": (lambda **kw: load_mnist(fashion=True, **kw), "FashionMNIST from local IDX files"),
     "cifar10": (load_cifar10, "CIFAR-10 (python batches) from local files under --data-root"),
     "imagefolder": (load_imagefolder, "images in --data-root/train/<class>/ and test/<class>/"),
+    "induction": (load_induction, "language modelling: random token sequences whose second half repeats the first"),
+    "text": (load_text, "language modelling: bytes of a local UTF-8 file or folder of .txt files (--data-root)"),
 }
-_FILE_BASED = {"mnist", "fashionmnist", "cifar10", "imagefolder"}
+_FILE_BASED = {"mnist", "fashionmnist", "cifar10", "imagefolder", "text"}
 _FILE_ARGS = {"root", "download", "limit_train", "limit_test"}
 
 

@@ -21,6 +21,10 @@ def dataset_size(ds: Dataset) -> int:
 class DataBundle:
     """Train/test datasets yielding ``(image, label)``, with their shape and classes.
 
+    ``task`` (:mod:`resinspect.task`): ``classification`` (the default), or ``next-token`` for a language-model
+    dataset, whose items are ``(tokens, next_tokens)`` (two ``(T,)`` long tensors); then ``num_classes`` is the
+    vocabulary size, ``image_size`` the context length ``T``, ``in_channels`` 1 and ``class_names`` the tokens.
+
     ``test_masks`` (``(N, H, W)`` bool, aligned with ``test``) is set for
     datasets with ground-truth object masks (``shapes``).
     """
@@ -34,6 +38,7 @@ class DataBundle:
     class_names: list[str]
     test_masks: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -43,6 +48,7 @@ class DataBundle:
             "in_channels": self.in_channels,
             "image_size": self.image_size,
             "num_classes": self.num_classes,
+            **({"task": self.task} if self.task != "classification" else {}),
             **self.info,
         }
 

@@ -40,6 +40,7 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     twin: str | None = None
     source: str = "resinspect"
+    task: str = "classification"  # or "next-token": a language model (token ids in, (B, T, V) logits out)
 
 
 def _cifar(n: int, residual: bool) -> Callable[..., nn.Module]:
@@ -194,6 +195,34 @@ def _register_vits() -> None:
 
 
 _register_vits()
+
+
+def _register_gpts() -> None:
+    from .gpt import gpt_factory
+
+    MODELS["gpt-tiny"] = ModelSpec(
+        "gpt-tiny",
+        "small GPT language model (pre-LayerNorm, learned positions, 4 layers, width 128, 4 heads, context from "
+        "the data): attention and MLP sites; for next-token data (induction, text)",
+        gpt_factory(4),
+        task="next-token",
+    )
+    for depth in (2, 6, 8):
+        MODELS[f"gpt-tiny-{depth}"] = ModelSpec(
+            f"gpt-tiny-{depth}",
+            f"gpt-tiny with {depth} layers ({2 * depth} residual sites)",
+            gpt_factory(depth),
+            task="next-token",
+        )
+    MODELS["attn-only-2"] = ModelSpec(
+        "attn-only-2",
+        "two attention-only layers (width 128, 4 heads): the induction-head model of Olsson et al. 2022",
+        gpt_factory(2, mlp=False),
+        task="next-token",
+    )
+
+
+_register_gpts()
 
 
 def _register_torchvision() -> None:

@@ -17,6 +17,7 @@ ANCHORS = (
     "explainer-streams",
     "explainer-lens",
     "explainer-rank",
+    "explainer-heads",
 )
 
 EXPLAINER_HTML = """
@@ -119,4 +120,11 @@ output gradually; a plain network's layers owe the head nothing until the end.</
 drives every token to the same vector, doubly exponentially fast in depth (Dong et al. 2021). The relative
 residual <math><mo>‖</mo><mi>X</mi><mo>−</mo><mn>1</mn><msup><mover><mi>x</mi><mo>¯</mo></mover><mi>T</mi></msup><mo>‖</mo><mo>/</mo><mo>‖</mo><mi>X</mi><mo>‖</mo></math>
 of the token matrix measures it; skip connections keep it away from zero.</p>
+
+<p id="explainer-heads"><strong>Induction heads.</strong> A language model learns in context by copying: at a
+token it saw before, an <em>induction head</em> attends to the token that followed the earlier occurrence and
+predicts it again (Olsson et al. 2022). It works with a <em>previous-token head</em> in an earlier layer, whose
+output it reads through the residual stream together with the tokens themselves. On random sequences that
+repeat, the loss drops on the repeat when such heads have formed; a plain twin's second layer sees only the
+first layer's output, not the tokens.</p>
 """
