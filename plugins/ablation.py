@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from resinspect import Section, capture, eval_mode, hookimpl, is_batchnorm, no_blocks_reason, pyplot, residual_blocks
+from resinspect_plugins._layers import layer_groups, layered, swap_sweep
 from resinspect_plugins._lesion import Lesion, LesionStats, applied_lesion, lesion_sweep
 
 NAME = "ablation"
@@ -66,6 +67,13 @@ def resinspect_addoptions(options):
     options.add("bn_batches", int, 4, "training batches used to re-estimate BatchNorm statistics", bounds="[1, 10_000]")
     options.add(
         "critical_points", float, 5.0, "accuracy cost (points) from which a block counts as critical", bounds="[0, 100]"
+    )
+    options.add(
+        "layers",
+        bool,
+        True,
+        "for a transformer: delete each whole layer (every residual site it holds) and swap each pair of adjacent "
+        "layers (Lad et al. 2024)",
     )
     options.add("fast", bool, True, "share the clean pass's block outputs between lesions (same results)")
     options.add(
@@ -189,7 +197,7 @@ def resinspect_estimate(ctx) -> float:
     if not blocks:
         return 0.0
     scratch = Section(title="estimate")
-    _fit_to_budget(ctx, ctx.model, blocks, ctx.options(NAME), scratch)
+    _fit_to_budget(ctx, ctx.model, blocks, ctx.options(NAME), scratch)  # counts the layer study too
     return float(scratch.metrics["planned_multiply_adds"])
 
 
@@ -221,6 +229,11 @@ def _fit_to_budget(ctx, model, blocks, opts, section: Section) -> dict[str, Any]
         if not plan.fits(passes):
             out["bn_recalibrate"] = False
             plan.cut(f"BN re-estimation after each lesion off ({passes:.0f} passes)")
+    if out["layers"] and layered(blocks, ctx.task.is_language):
+        groups = len(layer_groups(blocks))
+        if not plan.fits(2 * groups - 1):
+            out["layers"] = False
+            plan.cut(f"layer deletion and swaps off ({2 * groups - 1} passes)")
     k_max = min(out["k_max"], n)
     if k_max:
         fit = plan.most(out["subsets"], k_max)
@@ -256,6 +269,8 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     regular = [i for i, b in enumerate(blocks) if not b.downsamples][: opts["pair_blocks"]]
     pair_lesions = [Lesion("bypass", (i, j)) for a, i in enumerate(regular) for j in regular[a + 1 :]]
     lesions += pair_lesions
+    groups = layer_groups(blocks) if opts["layers"] and layered(blocks, ctx.task.is_language) else []
+    lesions += [Lesion("bypass", idx) for _, idx in groups]
     clean, stats = _sweep(ctx, model, blocks, lesions, opts, "lesion sweep (batches)", fast=opts["fast"])
     by_lesion = dict(zip(lesions, stats))
     single = [by_lesion[Lesion("bypass", (i,))] for i in range(n)]
@@ -287,7 +302,9 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     if skip:
         columns += ["acc. skip removed", "skip cost (points)"]
     section.table(
-        f"Single-block lesions (clean accuracy {clean.accuracy:.2%} on {clean.count} test images)", columns, rows
+        f"Single-block lesions (clean accuracy {clean.accuracy:.2%} on {clean.count} test {ctx.task.prediction}s)",
+        columns,
+        rows,
     )
     costs = [_cost(clean, s) for s in single]
     section.block_column("lesion cost (points)", {b.name: c for b, c in zip(blocks, costs)})
@@ -323,6 +340,8 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
 
     if pair_lesions:
         _pairwise(section, blocks, regular, clean, costs, by_lesion, opts)
+    if groups:
+        _layer_study(section, ctx, model, groups, clean, by_lesion, opts)
     plain = _plain_comparison(ctx, blocks, opts)
     if plain is not None:
         m.update(plain["metrics"])
@@ -335,6 +354,64 @@ def _analyze(ctx, model, blocks, opts, section: Section) -> Section:
     _findings(section, ctx, blocks, clean, costs, skip, k_curve, plain, opts)
     _figures(section, blocks, clean, single, skip, k_curve, plain)
     return section
+
+
+def _layer_study(section, ctx, model, groups, clean, by_lesion, opts) -> None:
+    """Lad et al. (2024): each whole layer deleted (all its sites bypassed) and each adjacent pair swapped."""
+    deleted = [_cost(clean, by_lesion[Lesion("bypass", idx)]) for _, idx in groups]
+    names = [layer for layer, _ in groups]
+    pairs = list(zip(names, names[1:]))
+    batches = ctx.progress(ctx.test_batches(opts["samples"]), desc="adjacent layers swapped")
+    swapped = swap_sweep(model, batches, pairs)
+    swaps = {i: _cost(clean, st) for i, st in enumerate(swapped) if st is not None}
+    m = section.metrics
+    rows = []
+    for i, (layer, idx) in enumerate(groups):
+        m[f"layer_delete/{layer}/cost_points"] = deleted[i]
+        row = [layer, len(idx), by_lesion[Lesion("bypass", idx)].accuracy, deleted[i]]
+        if i in swaps:
+            m[f"layer_swap/{layer}/cost_points"] = swaps[i]
+        row += [names[i + 1] if i in swaps else "", swaps.get(i)]
+        rows.append(row)
+        ctx.log_scalar("layer_delete_cost", deleted[i], i)
+    section.table(
+        "Whole layers deleted, adjacent layers swapped (Lad et al. 2024)",
+        ["layer", "sites", "acc. deleted", "delete cost (points)", "swapped with", "swap cost (points)"],
+        rows,
+        caption=f"Clean accuracy {clean.accuracy:.2%}; a swap runs each layer's computation in the other's place "
+        "(only where their shapes allow).",
+    )
+    m["median_layer_delete_cost_points"] = statistics.median(deleted)
+    if swaps:
+        m["median_layer_swap_cost_points"] = statistics.median(swaps.values())
+    section.finding(_layer_finding(names, deleted, pairs, swaps))
+
+
+def _layer_finding(names: list[str], deleted: list[float], pairs: list, swaps: dict[int, float]) -> str:
+    text = f"Deleting a whole layer costs {deleted[0]:.1f} points for the first ({names[0]}), "
+    text += f"{deleted[-1]:.1f} for the last"
+    middle = deleted[1:-1]
+    if middle:
+        mid = statistics.median(middle)
+        text += f" and a median {mid:.1f} for the {len(middle)} in between"
+        first, last = deleted[0] > mid, deleted[-1] > mid
+        if first and last:
+            text += ": the first and last layers are the most sensitive, as Lad et al. (2024) find."
+        elif first or last:
+            text += f": only the {'first' if first else 'last'} is more sensitive than the middle ones, "
+            text += "where Lad et al. (2024) find both ends."
+        else:
+            text += ": unlike Lad et al. (2024), neither end is more sensitive than the middle."
+    else:
+        text += " (no middle layers to compare with)."
+    if swaps:
+        worst = max(swaps, key=swaps.__getitem__)
+        text += (
+            f" Swapping adjacent layers costs a median {statistics.median(swaps.values()):.1f} points (most: "
+            f"{pairs[worst][0]} ↔ {pairs[worst][1]}, {swaps[worst]:.1f}) against a median "
+            f"{statistics.median(deleted):.1f} for deleting one."
+        )
+    return text
 
 
 def _plain_comparison(ctx, blocks, opts) -> dict[str, Any] | None:

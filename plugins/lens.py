@@ -44,6 +44,13 @@ def resinspect_addoptions(options):
     options.add(
         "fit_samples", int, 256, "training images the translators and probes are fitted on", bounds="[8, 1_000_000]"
     )
+    options.add(
+        "fit_tokens",
+        int,
+        4096,
+        "for a language model: at most this many tokens (whole sequences) for the translators and probes",
+        bounds="[8, 100_000_000]",
+    )
     options.add("steps", int, 100, "optimisation steps per translator (Adam, full batch)", bounds="[1, 100_000]")
     options.add("lr", float, 0.01, "learning rate of the translators", bounds="(0, 10]")
     options.add(
@@ -212,7 +219,7 @@ def read_network(ctx, role: str, opts: dict) -> dict:
     head = ctx.head(role)
     points = points_of(ctx, role)
     with eval_mode(net), torch.no_grad():
-        fit = _collect(ctx, net, head, points, opts["fit_samples"])
+        fit = _collect(ctx, net, head, points, fit_sequences(ctx, opts))
         shapes, train_labels = fit["shapes"], fit["labels"]
         final_shape = shapes[points[-1][0]]
         lenses: dict[str, dict[str, Translator]] = {"tuned": {}, "probe": {}}
@@ -253,6 +260,8 @@ def read_network(ctx, role: str, opts: dict) -> dict:
                         sums[f"{key}|ce"] = sums.get(f"{key}|ce", 0.0) + float(cross_entropy(logq, y, reduction="sum"))
                         kl = (logp_final.exp() * (logp_final - logq)).sum(-1)
                         sums[f"{key}|kl"] = sums.get(f"{key}|kl", 0.0) + float(kl.sum())
+                        if kind == "logit" and kl.dim() == 2:  # a language model: KL per position
+                            sums[f"{key}|kl_pos"] = sums.get(f"{key}|kl_pos", 0.0) + kl.sum(0).double().cpu()
     sums = ctx.all_reduce(sums)
     n = max(sums["n"], 1.0)
     result: dict[str, Any] = {
@@ -273,7 +282,18 @@ def read_network(ctx, role: str, opts: dict) -> dict:
                     "ce": sums[f"{key}|ce"] / n,
                     "kl": sums[f"{key}|kl"] / n,
                 }
+                if f"{key}|kl_pos" in sums:  # per position: over the sequences (n counts their tokens)
+                    per = sums[f"{key}|kl_pos"]
+                    result["read"][kind][name]["kl_by_position"] = (per * len(per) / n).tolist()
     return result
+
+
+def fit_sequences(ctx, opts: dict) -> int:
+    """How many training samples the translators are fitted on: ``fit_samples``, and for a language model no
+    more whole sequences than hold ``fit_tokens`` tokens (every position is a row of the fit)."""
+    if not ctx.task.is_language:
+        return opts["fit_samples"]
+    return max(1, min(opts["fit_samples"], -(-opts["fit_tokens"] // max(1, ctx.data.image_size))))
 
 
 def converged_from(points: list[str], read: dict[str, dict], final: float, tolerance: float) -> str | None:
@@ -344,8 +364,9 @@ def _report(s: Section, ctx, results: dict, opts: dict) -> None:
                 row += [got["accuracy"], got["kl"]] if got else [None, None]
             rows.append(row)
         s.table(
-            f"Readouts of {ctx.label(role)} (final accuracy {r['final_accuracy']:.1f}%, {r['images']} test images; "
-            f"translators fitted on {r['fit_images']} training images)",
+            f"Readouts of {ctx.label(role)} (final accuracy {r['final_accuracy']:.1f}%, {r['images']} test "
+            f"{ctx.task.prediction}s; translators fitted on {r['fit_images']} training {ctx.task.sample}s"
+            + (f", at most -o lens.fit_tokens={opts['fit_tokens']} tokens)" if ctx.task.is_language else ")"),
             [
                 "point",
                 "stream",
@@ -439,3 +460,38 @@ def _figure(s: Section, ctx, results: dict) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     s.figure(fig, "Readout accuracy and KL by depth", "solid: the model; dashed: its plain twin; grey: final accuracy")
+    _position_heatmap(s, ctx, results)
+
+
+def _position_heatmap(s: Section, ctx, results: dict) -> None:
+    """A language model's logit-lens KL to the final distribution, stream point × position, model and twin."""
+    grids = {}
+    for role, r in results.items():
+        read = r.get("read", {}).get("logit", {})
+        rows = [(name, v["kl_by_position"]) for name, v in read.items() if "kl_by_position" in v]
+        if rows:
+            grids[role] = rows
+            for t in range(len(rows[0][1])):  # one event per position, every point's curve over positions
+                ctx.log_scalars({f"kl_by_position/{name}": float(per[t]) for name, per in rows}, t, role=role)
+    if not grids:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        1, len(grids), figsize=(5.5 * len(grids), 0.35 * max(len(g) for g in grids.values()) + 1.8)
+    )
+    axes = [axes] if len(grids) == 1 else list(axes)
+    top = max(max(max(per) for _, per in g) for g in grids.values())
+    for ax, (role, rows) in zip(axes, grids.items()):
+        im = ax.imshow([per for _, per in rows], aspect="auto", cmap="magma", vmin=0, vmax=top or 1)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([name for name, _ in rows], fontsize=6)
+        ax.set(xlabel="position", title=f"{ctx.label(role)}: logit-lens KL (nats)")
+        ax.title.set_fontsize(8)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    s.figure(
+        fig,
+        "Logit-lens KL by stream point and position",
+        "Each row a point of the stream, each column a position of the sequence: how far the head's reading there "
+        "is from the final next-token distribution.",
+    )
