@@ -108,7 +108,9 @@ class Setting:
 SETTINGS: list[Setting] = [
     Setting("model", str, "resnet20", "Model name (see `resinspect models`) or package.module:function.", short="-m"),
     Setting("data", str, "digits", "Dataset name (see `resinspect datasets`).", short="-d"),
-    Setting("data_root", Path, "data", "Folder with local dataset files (MNIST, CIFAR-10, ImageFolder)."),
+    Setting(
+        "data_root", Path, "data", "Folder (or file) with local dataset files (MNIST, CIFAR-10, ImageFolder, text)."
+    ),
     Setting("download", bool, False, "Let torchvision try to download missing dataset files."),
     Setting(
         "plugins",

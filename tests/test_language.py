@@ -213,3 +213,34 @@ def test_lens_and_heads_on_a_small_gpt(tmp_path):
     heads = result.section("heads")
     assert heads.status == "ok" and heads.metrics["period"] == 6 and heads.metrics["sequences"] == 8
     assert 0.0 <= heads.metrics["model/best_induction_score"] <= 1.0 and "twin/best_induction_score" in heads.metrics
+
+
+def test_token_attribution_in_closed_form():
+    """A model whose last-position logits are 10 · one-hot(token at position 2): integrated gradients and
+    feature ablation give position 2 exactly log p(answer) − log p(answer | token 0 there) ≈ 10 nats and every
+    other position 0 (integrated gradients' attributions add up to f(input) − f(baseline))."""
+    from resinspect_plugins._token_attribution import deletion_drop, token_attributions
+
+    class Copy(torch.nn.Module):
+        def __init__(self, vocab, k):
+            super().__init__()
+            self.emb, self.k = torch.nn.Embedding(vocab, vocab), k
+            with torch.no_grad():
+                self.emb.weight.copy_(10 * torch.eye(vocab))
+
+        def forward(self, tokens):
+            e = self.emb(tokens)
+            out = torch.zeros_like(e)
+            out[:, -1] = e[:, self.k]
+            return out
+
+    model = Copy(8, 2).eval()
+    tokens = torch.randint(1, 8, (5, 6))
+    answer = tokens[:, 2]
+    exact = 10.0  # log p with logits 10·e_answer minus log p with logits 10·e_0: exactly 10 nats
+    got = token_attributions(model, tokens, answer, steps=16)
+    for name, a in got.items():
+        assert torch.allclose(a[:, 2], torch.full((5,), exact), atol=1e-4), name
+        assert torch.allclose(a[:, [0, 1, 3, 4, 5]], torch.zeros(5, 5), atol=1e-6), name
+    assert torch.allclose(deletion_drop(model, tokens, answer, got["feature_ablation"], 1), torch.full((5,), exact),
+                          atol=1e-4)
