@@ -24,10 +24,11 @@ and the report. Each kind can be skipped (``--tb-skip``); a kind that fails is n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,8 +79,9 @@ def evaluate_for_tabs(
         for x, y in batches:
             captured.clear()
             out = model(x)
-            logits.append(out.detach().float().cpu())
-            labels.append(y.cpu())
+            # a language model: one row per token (its next-token logits and the next token)
+            logits.append(out.detach().float().flatten(0, -2).cpu())
+            labels.append(y.flatten().cpu())
             if kept < keep_features:
                 take = min(keep_features - kept, len(x))
                 images.append(x[:take].detach().float().cpu())
@@ -124,14 +126,37 @@ class _GraphTracer(fx.Tracer):
         return module_qualified_name in self.opaque or super().is_leaf_module(m, module_qualified_name)
 
 
+@contextlib.contextmanager
+def _pieces_installed(model: nn.Module) -> Iterator[dict[int, str]]:
+    """A module cut into residual sites calls pieces that are not its submodules (they share its layers); for
+    tracing the whole model they are registered as ``site0``, ``site1`` … so that fx can follow them. Yields
+    each piece's scope in the traced graph (by ``id``)."""
+    added = []
+    scopes: dict[int, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        for m in model.modules():
+            for i, piece in enumerate(m.__dict__.get("_resinspect_pieces", ())):
+                name = f"site{i}"
+                if name not in m._modules:
+                    m.add_module(name, piece)
+                    added.append((m, name))
+                    scopes[id(piece)] = f"{names[id(m)]}.{name}" if names.get(id(m)) else name
+        yield scopes
+    finally:
+        for m, name in added:
+            del m._modules[name]
+
+
 def _scope(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _residual_adds(gm: fx.GraphModule, blocks: Sequence[Any]) -> set[fx.Node]:
-    """The whole-model graph's nodes that are the blocks' residual additions: in each block's scope, the
-    add at the same position among the scope's adds as the anatomy's add among the block's own."""
+def _residual_adds(gm: fx.GraphModule, blocks: Sequence[Any], scopes: dict[int, str] | None = None) -> set[fx.Node]:
+    """The whole-model graph's nodes that are the blocks' residual additions: in each block's scope (a
+    residual site's: its piece's, ``scopes``), the add at the same position among the scope's adds as the
+    anatomy's add among the block's own."""
     by_scope: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if _is_add(n):
@@ -139,7 +164,7 @@ def _residual_adds(gm: fx.GraphModule, blocks: Sequence[Any]) -> set[fx.Node]:
     found = set()
     for b in blocks:
         local = [n for n in b._graph.nodes if _is_add(n)]
-        adds = by_scope.get(b.name, [])
+        adds = by_scope.get((scopes or {}).get(id(b.module), b.name), [])
         i = local.index(b._add) if b._add in local else -1
         if 0 <= i < len(adds):
             found.add(adds[i])
@@ -186,11 +211,12 @@ def fx_graph_def(model: nn.Module, example: torch.Tensor, blocks: Sequence[Any],
     from tensorboard.compat.proto.versions_pb2 import VersionDef
     from torch.fx.passes.shape_prop import ShapeProp
 
-    graph = _GraphTracer(opaque).trace(model)
-    gm = fx.GraphModule(model, graph)
+    with _pieces_installed(model) as scopes:
+        graph = _GraphTracer(opaque).trace(model)
+        gm = fx.GraphModule(model, graph)
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
-    residual = _residual_adds(gm, blocks)
+    residual = _residual_adds(gm, blocks, scopes)
     names: dict[fx.Node, str] = {}
     taken: set[str] = set()
     nodes = []
@@ -384,6 +410,8 @@ def _write_projector(tabs: _Tabs) -> str:
     n = int(tabs.settings["tb_embeddings"])
     if n == 0:
         return "off (tb_embeddings = 0)"
+    if tabs.ctx.task.is_language:
+        return "off (a language model: the projector shows images with their head features)"
     names = tabs.ctx.data.class_names
     done = []
     for role, net in tabs.ctx.networks():
@@ -411,14 +439,20 @@ def _write_pr(tabs: _Tabs) -> str:
         for c, tag in enumerate(pr_tags(names, shown)):
             w.add_pr_curve(tag, labels == c, probs[:, c], 0, num_thresholds=PR_THRESHOLDS)
         n_images = len(labels)
+    task = tabs.ctx.task
+    per_sample = tabs.ctx.data.image_size if task.is_language else 1  # a language model: one row per token
+    what = "tokens" if task.is_language else "classes"
+    n_images //= per_sample
     if shown < len(names):
-        tabs.record["notes"].append(f"pr: curves for the first {shown} of {len(names)} classes")
+        tabs.record["notes"].append(f"pr: curves for the first {shown} of {len(names)} {what}")
     total = dataset_size(tabs.ctx.data.test)
     if n_images < total:
         tabs.record["notes"].append(
-            f"pr, projector: the first {n_images} of {total} test images (--tb-samples {n_images})"
+            f"pr, projector: the first {n_images} of {total} test {task.sample}s (--tb-samples {n_images})"
         )
-    return f"{shown} classes on {n_images} test images"
+    return f"{shown} {what} on {n_images} test {task.sample}s" + (
+        f" ({n_images * per_sample} next-token predictions)" if task.is_language else ""
+    )
 
 
 def pr_tags(names: Sequence[str], n: int) -> list[str]:

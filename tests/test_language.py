@@ -213,6 +213,12 @@ def test_lens_and_heads_on_a_small_gpt(tmp_path):
     heads = result.section("heads")
     assert heads.status == "ok" and heads.metrics["period"] == 6 and heads.metrics["sequences"] == 8
     assert 0.0 <= heads.metrics["model/best_induction_score"] <= 1.0 and "twin/best_induction_score" in heads.metrics
+    import json
+
+    tb = json.loads((tmp_path / "run" / "results.json").read_text())["tensorboard"]
+    assert "4 residual additions" in tb["written"]["graph"]["what"]  # gpt-tiny-2's graph, traced whole
+    assert tb["written"]["pr"]["what"] == "16 tokens on 32 test sequences (384 next-token predictions)"
+    assert tb["written"]["projector"]["what"].startswith("off (a language model")
 
 
 def test_token_attribution_in_closed_form():

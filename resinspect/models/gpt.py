@@ -52,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if self.keep_weights or torch.is_grad_enabled():
             scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            causal = torch.ones_like(scores[0, 0], dtype=torch.bool).tril()  # (queries, keys); traceable
             weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
             if self.keep_weights:
                 self.last_weights = weights.detach()
