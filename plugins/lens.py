@@ -288,6 +288,26 @@ def read_network(ctx, role: str, opts: dict) -> dict:
     return result
 
 
+@hookimpl
+def resinspect_estimate(ctx) -> float:
+    """Per network: a forward pass over the fitting and the test samples, and the translators' and probes'
+    fit: ``steps`` steps of three passes' worth through a translator and the head for every fitted sample
+    and point (the head and the translator costed from the model's last linear layer, at every position of a
+    language model)."""
+    opts = ctx.options(NAME)
+    blocks = ctx.blocks("model")
+    if not blocks:
+        return 0.0
+    fit = ctx.train_images(fit_sequences(ctx, opts))
+    test = ctx.test_images(opts["samples"])
+    last = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)]
+    per_row = (last[-1].in_features * (last[-1].out_features + last[-1].in_features)) if last else 0
+    rows = fit * (ctx.data.image_size if ctx.task.is_language else 1)
+    kinds = int(opts["tuned"]) + int(opts["probe"])
+    fitting = opts["steps"] * 3 * kinds * (len(blocks) + 1) * rows * per_row
+    return len(ctx.networks()) * (float(ctx.multiply_adds()) * (fit + test) + fitting)
+
+
 def fit_sequences(ctx, opts: dict) -> int:
     """How many training samples the translators are fitted on: ``fit_samples``, and for a language model no
     more whole sequences than hold ``fit_tokens`` tokens (every position is a row of the fit)."""
