@@ -235,7 +235,7 @@ def read_network(ctx, role: str, opts: dict) -> dict:
                         jobs.append((t, fit["features"][name], target))
         del fit
         _fit(jobs, head, opts)
-        sums: dict[str, float] = {"n": 0.0, "final_correct": 0.0, "final_ce": 0.0}
+        sums: dict[str, Any] = {"n": 0.0, "final_correct": 0.0, "final_ce": 0.0}
         with stream_hooks(points) as take:
             for x, y in ctx.shard(ctx.test_batches(ctx.test_images(opts["samples"]))):
                 out = net(x)
