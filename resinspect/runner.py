@@ -238,9 +238,9 @@ def _check_fits(bundle: DataBundle, nets: list[tuple[str, nn.Module | None]], lo
             first = (str(e).strip().splitlines() or [""])[0]
             kind = "token sequences (next-token task)" if task.is_language else f"{tuple(x.shape[1:])} inputs"
             hint = (
-                "a next-token dataset needs a language model (gpt-tiny, attn-only-2, hf:<folder>)"
+                "a next-token dataset needs a language model (gpt-tiny, attn-only-2)"
                 if task.is_language
-                else "language models (gpt-tiny, attn-only-2, hf:) need next-token data (--data induction or text)"
+                else "language models (gpt-tiny, attn-only-2) need next-token data (--data induction or text)"
             )
             raise ResinspectError(
                 f"model {label} cannot read dataset {bundle.name}'s {kind}: {type(e).__name__}: {first[:160]}; " + hint
@@ -894,7 +894,7 @@ def _training_section(ctx: RunContext, history: dict[str, History]) -> Section:
 
 
 def _perplexities(history: dict[str, History]) -> str:
-    """ " Test perplexity …" for a language model's training finding (empty for classification)."""
+    """The training finding's sentence on test perplexity, for a language model (empty for classification)."""
     last = {role: h.epochs[-1].get("test_perplexity") for role, h in history.items() if h.epochs}
     if None in last.values() or len(last) < 2:
         return ""

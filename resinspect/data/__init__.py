@@ -30,7 +30,7 @@ DATASETS: dict[str, tuple[Callable[..., DataBundle], str]] = {
     "fashionmnist": (lambda **kw: load_mnist(fashion=True, **kw), "FashionMNIST from local IDX files"),
     "cifar10": (load_cifar10, "CIFAR-10 (python batches) from local files under --data-root"),
     "imagefolder": (load_imagefolder, "images in --data-root/train/<class>/ and test/<class>/"),
-    "induction": (load_induction, "language modelling: random token sequences whose second half repeats the first"),
+    "induction": (load_induction, "language modelling: random tokens repeated (the period drawn per sequence)"),
     "text": (load_text, "language modelling: bytes of a local UTF-8 file or folder of .txt files (--data-root)"),
 }
 _FILE_BASED = {"mnist", "fashionmnist", "cifar10", "imagefolder", "text"}
