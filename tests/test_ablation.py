@@ -70,7 +70,8 @@ def test_model_is_restored_exactly(trained_ctx):
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     trained_ctx.plugin_options = {"ablation": {"samples": 48, "k_max": 3, "subsets": 2, "skip_removal": True,
                                                "bn_recalibrate": True, "bn_batches": 2, "critical_points": 5.0,
-                                               "fast": True, "pair_blocks": 4, "independent_points": 1.0}}
+                                               "fast": True, "pair_blocks": 4, "independent_points": 1.0,
+                                               "layers": True}}
     section = ablation.resinspect_analyze(ctx=trained_ctx)
     assert section.metrics["blocks"] == 9 and section.metrics["images"] == 48
     assert not model.training
