@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from resinspect import cross_entropy, forwards_replaced
-from resinspect_plugins._lesion import LesionStats
+from resinspect import forwards_replaced
+from resinspect_plugins._lesion import LesionStats, _Sums
 
 __all__ = ["layer_groups", "swapped", "swap_sweep", "layered"]
 
@@ -47,11 +47,10 @@ def swap_sweep(
 ) -> list[LesionStats | None]:
     """Accuracy and loss (per prediction) of ``model`` with each pair of layers swapped, on the same batches;
     None for a pair that cannot be swapped (their shapes differ: layers of different stages)."""
-    correct = [0] * len(pairs)
-    loss = [0.0] * len(pairs)
+    sums = None
     possible = [True] * len(pairs)
-    count = 0
     for x, y in batches:
+        sums = sums or _Sums(len(pairs), x.device)
         for i, (p, q) in enumerate(pairs):
             if not possible[i]:
                 continue
@@ -61,7 +60,8 @@ def swap_sweep(
             except RuntimeError:  # shape mismatch: the pair does not fit in each other's place
                 possible[i] = False
                 continue
-            correct[i] += int((out.argmax(-1) == y).sum())
-            loss[i] += float(cross_entropy(out, y, reduction="sum"))
-        count += y.numel()
-    return [LesionStats(count, c, s) if ok else None for c, s, ok in zip(correct, loss, possible)]
+            sums.add(i, out, y)
+        sums.count += y.numel()
+    if sums is None:
+        raise ValueError("swap_sweep: no batches to evaluate")
+    return [st if ok else None for st, ok in zip(sums.result(), possible)]

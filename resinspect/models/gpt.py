@@ -11,9 +11,10 @@ unembedding.
 With ``mlp=False`` the layers are attention only: ``attn-only-2`` is the two-layer attention-only model in
 which Olsson et al. 2022 found induction heads.
 
-Every attention module keeps its last attention pattern ``(batch, heads, query, key)`` in ``last_weights``
-when ``keep_weights`` is set, and its heads' outputs can be silenced one by one (``head_mask``): what the
-``heads`` plugin reads and ablates.
+The layers are the ViT's (:class:`~resinspect.models.vit.TransformerLayer`) with causal attention: every
+attention module keeps its last attention pattern ``(batch, heads, query, key)`` in ``last_weights`` when
+``keep_weights`` is set, and its heads' outputs can be silenced one by one (``head_mask``): what the ``heads``
+plugin reads and ablates.
 
 Registered as ``gpt-tiny`` (4 layers, width 128, 4 heads, context from the data, 64 by default),
 ``gpt-tiny-2`` … ``gpt-tiny-8`` for depth sweeps, and ``attn-only-2``.
@@ -22,63 +23,11 @@ Registered as ``gpt-tiny`` (4 layers, width 128, 4 heads, context from the data,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .vit import Mlp
+from .vit import TransformerLayer
 
-__all__ = ["CausalSelfAttention", "GPTLayer", "GPT", "gpt_factory"]
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention. ``keep_weights``: keep the last pattern in ``last_weights``;
-    ``head_mask`` (a ``(heads,)`` tensor or None): multiply each head's output before the output projection
-    (0 silences a head). Without gradients and without either, attention runs fused; otherwise it is written
-    out (second derivatives exist)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.keep_weights = False
-        self.last_weights: torch.Tensor | None = None
-        self.head_mask: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if self.keep_weights or torch.is_grad_enabled():
-            scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
-            causal = torch.ones_like(scores[0, 0], dtype=torch.bool).tril()  # (queries, keys); traceable
-            weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-            if self.keep_weights:
-                self.last_weights = weights.detach()
-            out = weights @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if self.head_mask is not None:
-            out = out * self.head_mask.to(out.dtype).reshape(1, -1, 1, 1)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class GPTLayer(nn.Module):
-    """Pre-norm decoder layer: attention then (unless ``mlp=False``) MLP, each added to the stream."""
-
-    def __init__(self, dim: int, heads: int, mlp: bool = True, mlp_ratio: int = 4):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim) if mlp else None
-        self.mlp = Mlp(dim, mlp_ratio * dim) if mlp else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        if self.mlp is not None and self.ln2 is not None:
-            x = x + self.mlp(self.ln2(x))
-        return x
+__all__ = ["GPT", "gpt_factory"]
 
 
 class GPT(nn.Module):
@@ -98,7 +47,9 @@ class GPT(nn.Module):
         self.context = context
         self.tok_embed = nn.Embedding(vocab, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, context, dim))
-        self.layers = nn.Sequential(*(GPTLayer(dim, heads, mlp, mlp_ratio) for _ in range(layers)))
+        self.layers = nn.Sequential(
+            *(TransformerLayer(dim, heads, mlp_ratio, causal=True, mlp=mlp) for _ in range(layers))
+        )
         self.norm = nn.LayerNorm(dim)
         self.unembed = nn.Linear(dim, vocab, bias=False)
         nn.init.normal_(self.pos_embed, std=0.02)

@@ -22,30 +22,41 @@ __all__ = ["Attention", "Mlp", "TransformerLayer", "ViT"]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; ``last_weights`` keeps the attention pattern of the last call when
-    ``keep_weights`` is set (for attention rollout). Without gradients attention runs fused; with them it is
-    written out, which has second derivatives (Hessian-vector products; CPU's fused kernel has none)."""
+    """Multi-head self-attention, ``causal`` for a language model (each position sees itself and the earlier
+    ones). ``last_weights`` keeps the attention pattern ``(batch, heads, query, key)`` of the last call when
+    ``keep_weights`` is set (attention rollout, the heads plugin); ``head_mask`` (a ``(heads,)`` tensor or None)
+    multiplies each head's output before the output projection (0 silences a head). Without gradients and
+    without kept weights attention runs fused; otherwise it is written out, which has second derivatives
+    (Hessian-vector products; CPU's fused kernel has none)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.keep_weights = False
         self.last_weights: torch.Tensor | None = None
+        self.head_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if self.keep_weights or torch.is_grad_enabled():
-            weights = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+            scores = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
+            if self.causal:
+                causal = torch.ones_like(scores[0, 0], dtype=torch.bool).tril()  # (queries, keys); traceable
+                scores = scores.masked_fill(~causal, float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
             if self.keep_weights:
                 self.last_weights = weights.detach()
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if self.head_mask is not None:
+            out = out * self.head_mask.to(out.dtype).reshape(1, -1, 1, 1)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -61,18 +72,20 @@ class Mlp(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm transformer layer: two residual additions, attention then MLP."""
+    """Pre-norm transformer layer: two residual additions, attention then MLP (``mlp=False``: attention only,
+    one addition); ``causal`` attention for a language model."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2, causal: bool = False, mlp: bool = True):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, mlp_ratio * dim)
+        self.attn = Attention(dim, heads, causal)
+        self.ln2 = nn.LayerNorm(dim) if mlp else None
+        self.mlp = Mlp(dim, mlp_ratio * dim) if mlp else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        x = x + self.mlp(self.ln2(x))
+        if self.mlp is not None and self.ln2 is not None:
+            x = x + self.mlp(self.ln2(x))
         return x
 
 
