@@ -57,11 +57,16 @@ def token_attributions(
 
 @torch.no_grad()
 def deletion_drop(
-    model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, scores: torch.Tensor, k: int
+    model: nn.Module,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    scores: torch.Tensor,
+    k: int,
+    clean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per sequence, how much the target's log-probability falls when the ``k`` positions with the largest
-    ``scores`` are replaced by token 0."""
+    ``scores`` are replaced by token 0 (``clean``: the intact log-probabilities, when already computed)."""
     f = target_logprob(model, targets)
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     cut = tokens.scatter(1, top, 0)
-    return f(tokens) - f(cut)
+    return (f(tokens) if clean is None else clean) - f(cut)

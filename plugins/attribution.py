@@ -13,7 +13,7 @@ from torch import nn
 from resinspect import Section, eval_mode, hookimpl, is_batchnorm, pyplot, residual_blocks
 from resinspect_plugins._attribution_methods import METHODS, attribute, method_names
 from resinspect_plugins._attribution_scores import deletion_insertion, mask_share, pointing_game, spearman
-from resinspect_plugins._token_attribution import deletion_drop, embedding_layer, token_attributions
+from resinspect_plugins._token_attribution import deletion_drop, embedding_layer, target_logprob, token_attributions
 
 NAME = "attribution"
 DEFAULT_METHODS = ["saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "attention_rollout"]
@@ -158,9 +158,11 @@ def _tokens(ctx, model, opts: dict[str, Any], s: Section) -> Section:
     periods = ctx.data.info.get("test_periods")
     induction = ctx.data.name == "induction" and bool(periods)
     rows = []
+    with torch.no_grad():  # the intact log-probabilities, once for every method and k
+        clean = target_logprob(model, target)(x)
     for name, scores in [*maps.items(), ("random", maps_random)]:
-        top1 = float(deletion_drop(model, x, target, scores, 1).mean())
-        top3 = float(deletion_drop(model, x, target, scores, 3).mean())
+        top1 = float(deletion_drop(model, x, target, scores, 1, clean).mean())
+        top3 = float(deletion_drop(model, x, target, scores, 3, clean).mean())
         s.metrics[f"{name}/drop_top1"], s.metrics[f"{name}/drop_top3"] = top1, top3
         copy = current = None
         if induction and name != "random":

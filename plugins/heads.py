@@ -61,12 +61,13 @@ def resinspect_estimate(ctx) -> float:
     """One forward pass over the sequences, plus one per head when ablating, for each network."""
     if _why_not(ctx) is not None:
         return 0.0
-    n, length = _sequences(ctx, ctx.options(NAME))
+    opts = ctx.options(NAME)
+    n, length = _sequences(ctx, opts)
     per_token = ctx.multiply_adds() / max(1, ctx.data.image_size)
     total = 0.0
     for _, net in ctx.networks():
         heads = sum(m.heads for _, m in attention_modules(net))
-        total += per_token * length * n * (1 + (heads if ctx.options(NAME)["ablate"] else 0))
+        total += per_token * length * n * (1 + (heads if opts["ablate"] else 0))
     return total
 
 
