@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["previous_token_score", "induction_score", "attention_modules", "repeated_tokens"]
+__all__ = [
+    "previous_token_score",
+    "induction_score",
+    "attention_modules",
+    "head_count",
+    "is_builtin_attention",
+    "repeated_tokens",
+]
 
 
 def previous_token_score(weights: torch.Tensor) -> torch.Tensor:
@@ -38,14 +45,27 @@ def induction_score(weights: torch.Tensor, period: int) -> torch.Tensor:
     return weights.diagonal(offset=-(period - 1), dim1=-2, dim2=-1)[..., 1:].mean(dim=(0, -1))
 
 
+def is_builtin_attention(m: nn.Module) -> bool:
+    """resinspect's own attention: ``heads``, ``keep_weights`` / ``last_weights`` and ``head_mask``."""
+    return isinstance(getattr(m, "heads", None), int) and hasattr(m, "keep_weights") and hasattr(m, "head_mask")
+
+
+def head_count(m: nn.Module) -> int:
+    """The number of heads of an attention module listed by :func:`attention_modules`."""
+    return int(getattr(m, "heads" if is_builtin_attention(m) else "resinspect_heads"))
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The attention modules whose patterns resinspect can read and whose heads it can silence: those with
-    ``heads``, ``keep_weights`` / ``last_weights`` and ``head_mask`` (resinspect's built-in language models),
-    in the order of the forward."""
+    """The attention modules whose patterns resinspect can read and whose heads it can silence, in the order of
+    the forward: resinspect's own (see :func:`is_builtin_attention`), and those that name their heads with
+    ``resinspect_heads`` (how many) and ``resinspect_head_output`` (the child that reads the heads' outputs side
+    by side) and return their pattern as the second element of their output — Hugging Face attention in eager
+    mode, marked so by ``hf:`` models."""
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(getattr(m, "heads", None), int) and hasattr(m, "keep_weights") and hasattr(m, "head_mask")
+        if is_builtin_attention(m)
+        or (isinstance(getattr(m, "resinspect_heads", None), int) and hasattr(m, "resinspect_head_output"))
     ]
 
 

@@ -10,8 +10,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from resinspect import Section, eval_mode, hookimpl, pyplot
-from resinspect_plugins._heads import attention_modules, induction_score, previous_token_score, repeated_tokens
+from resinspect import Section, capture, eval_mode, forwards_replaced, hookimpl, pyplot
+from resinspect_plugins._heads import (
+    attention_modules,
+    head_count,
+    induction_score,
+    is_builtin_attention,
+    previous_token_score,
+    repeated_tokens,
+)
 
 NAME = "heads"
 
@@ -44,7 +51,7 @@ def _why_not(ctx) -> str | None:
     if not attention_modules(ctx.model):
         return (
             f"{ctx.model_name} has no attention module whose patterns resinspect can read (the built-in language "
-            "models gpt-tiny and attn-only-2 have them)"
+            "models gpt-tiny and attn-only-2 and the attention of hf: models have them)"
         )
     return None
 
@@ -66,23 +73,47 @@ def resinspect_estimate(ctx) -> float:
     per_token = ctx.multiply_adds() / max(1, ctx.data.image_size)
     total = 0.0
     for _, net in ctx.networks():
-        heads = sum(m.heads for _, m in attention_modules(net))
+        heads = sum(head_count(m) for _, m in attention_modules(net))
         total += per_token * length * n * (1 + (heads if opts["ablate"] else 0))
     return total
 
 
 @contextmanager
 def _patterns(modules: list[tuple[str, nn.Module]]):
-    """Every attention module keeps its last pattern; restored (and the patterns dropped) afterwards."""
-    before = [(m.keep_weights, m.last_weights) for _, m in modules]
+    """Yields a function giving every attention module's pattern of the last forward: resinspect's own keep it
+    (``keep_weights``, restored afterwards with the patterns dropped), the others' outputs are captured."""
+    ours = [m for _, m in modules if is_builtin_attention(m)]
+    before = [(m.keep_weights, m.last_weights) for m in ours]
     try:
-        for _, m in modules:
+        for m in ours:
             setattr(m, "keep_weights", True)  # noqa: B010 - an attribute of resinspect's attention modules
-        yield
+        with capture([(n, m) for n, m in modules if not is_builtin_attention(m)], inputs=False) as got:
+            yield lambda: [m.last_weights if is_builtin_attention(m) else got.outputs[n][1] for n, m in modules]
     finally:
-        for (_, m), (keep, last) in zip(modules, before):
+        for m, (keep, last) in zip(ours, before):
             setattr(m, "keep_weights", keep)  # noqa: B010
             setattr(m, "last_weights", last)  # noqa: B010
+
+
+@contextmanager
+def _silenced(m: nn.Module, mask: torch.Tensor):
+    """``m``'s heads multiplied by ``mask`` (``(heads,)``): its ``head_mask``, or (another module) the input of
+    its head-output projection scaled head by head."""
+    if is_builtin_attention(m):
+        before, m.head_mask = m.head_mask, mask
+        try:
+            yield
+        finally:
+            m.head_mask = before
+        return
+    proj = m.get_submodule(str(m.resinspect_head_output))
+    forward = proj.forward
+
+    def masked(x: torch.Tensor, *args, **kwargs):
+        return forward(x * mask.repeat_interleave(x.shape[-1] // mask.numel()).to(x.dtype), *args, **kwargs)
+
+    with forwards_replaced([(proj, masked)]):
+        yield
 
 
 def _in_context(ctx, net: nn.Module, tokens: torch.Tensor, period: int) -> tuple[torch.Tensor, float]:
@@ -96,30 +127,25 @@ def _in_context(ctx, net: nn.Module, tokens: torch.Tensor, period: int) -> tuple
 def measure(ctx, net: nn.Module, tokens: torch.Tensor, period: int, ablate: bool) -> dict:
     """Scores, per-position loss and (``ablate``) ablation costs of ``net``'s heads on ``tokens``."""
     modules = attention_modules(net)
-    masks = [m.head_mask for _, m in modules]
     out: dict = {"layers": [name for name, _ in modules]}
-    try:
-        with torch.no_grad(), eval_mode(net):
-            with _patterns(modules):
-                per, repeat = _in_context(ctx, net, tokens, period)
-                patterns = [m.last_weights for _, m in modules]
-            out["position_loss"] = per.cpu().numpy()
-            out["repeat_loss"], out["first_loss"] = repeat, float(per[: period - 1].mean())
-            out["previous"] = np.stack([previous_token_score(w).cpu().numpy() for w in patterns])
-            out["induction"] = np.stack([induction_score(w, period).cpu().numpy() for w in patterns])
-            if ablate:
-                cost = np.zeros_like(out["induction"])
-                for i, (_, m) in enumerate(modules):
-                    for h in ctx.progress(range(m.heads), desc=f"ablate heads of layer {i}"):
-                        mask = torch.ones(m.heads, device=tokens.device)
-                        mask[h] = 0
-                        m.head_mask = mask
+    with torch.no_grad(), eval_mode(net):
+        with _patterns(modules) as patterns_of:
+            per, repeat = _in_context(ctx, net, tokens, period)
+            patterns = patterns_of()
+        out["position_loss"] = per.cpu().numpy()
+        out["repeat_loss"], out["first_loss"] = repeat, float(per[: period - 1].mean())
+        out["previous"] = np.stack([previous_token_score(w).cpu().numpy() for w in patterns])
+        out["induction"] = np.stack([induction_score(w, period).cpu().numpy() for w in patterns])
+        if ablate:
+            cost = np.zeros_like(out["induction"])
+            for i, (_, m) in enumerate(modules):
+                heads = head_count(m)
+                for h in ctx.progress(range(heads), desc=f"ablate heads of layer {i}"):
+                    mask = torch.ones(heads, device=tokens.device)
+                    mask[h] = 0
+                    with _silenced(m, mask):
                         cost[i, h] = _in_context(ctx, net, tokens, period)[1] - repeat
-                        m.head_mask = masks[i]
-                out["cost"] = cost
-    finally:
-        for (_, m), mask in zip(modules, masks):
-            m.head_mask = mask
+            out["cost"] = cost
     return out
 
 

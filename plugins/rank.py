@@ -157,7 +157,12 @@ def resinspect_analyze(ctx) -> Section:
     if opts["at_init"] and ctx.trained_in_run:
         states["init"] = {role: ctx.initial_network(role) for role, _ in ctx.networks()}
     elif opts["at_init"] and not ctx.trained_in_run:
-        s.finding("Measured once: nothing was trained in this run, so the analysed weights are the initial ones.")
+        s.finding(
+            "Measured once: the model was loaded trained and this run trained nothing, so there are no initial "
+            "weights to compare with."
+            if ctx.trained
+            else "Measured once: nothing was trained in this run, so the analysed weights are the initial ones."
+        )
     attention = [b for b in blocks if b.kind == "attention"]
     others = [b for b in blocks if b.kind != "attention"]
     results: dict[str, dict[str, dict]] = {}

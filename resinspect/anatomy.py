@@ -17,6 +17,7 @@ restore the original on exit, also after an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import types
@@ -43,6 +44,7 @@ __all__ = [
     "site_modules",
     "replace_block_module",
     "block_module",
+    "install_sites_for_call",
 ]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -314,9 +316,9 @@ def _piece_graph(graph: fx.Graph, start: fx.Node, end: fx.Node, inner: list[fx.N
     return g
 
 
-def _pieces(module: nn.Module, graph: fx.Graph) -> list[tuple[bool, fx.Graph]] | None:
-    """``module``'s forward as a chain of pieces ``[(is_site, graph)]`` when it holds two or more residual
-    additions one after the other (each piece's input is the previous one's output), else None."""
+def _pieces(module: nn.Module, graph: fx.Graph, min_sites: int = 2) -> list[tuple[bool, fx.Graph]] | None:
+    """``module``'s forward as a chain of pieces ``[(is_site, graph)]`` when it holds ``min_sites`` or more
+    residual additions one after the other (each piece's input is the previous one's output), else None."""
     ranges = _cut_ranges(graph)
     if ranges is None:
         return None
@@ -335,7 +337,7 @@ def _pieces(module: nn.Module, graph: fx.Graph) -> list[tuple[bool, fx.Graph]] |
             groups[-1][2], groups[-1][3] = end, groups[-1][3] + list(inner)
         else:
             groups.append([False, start, end, list(inner)])
-    if sum(1 for g in groups if g[0]) < 2:
+    if sum(1 for g in groups if g[0]) < min_sites:
         return None
     return [(site, _piece_graph(graph, start, end, inner)) for site, start, end, inner in groups]
 
@@ -368,13 +370,171 @@ def _same_default(value: Any, default: Any) -> bool:
     return value is default or (not isinstance(value, torch.Tensor) and value == default)
 
 
-def _mode_independent(module: nn.Module, graph: fx.Graph) -> bool:
+# ---------------------------------------------------------------------------------------------------------------
+# modules called with more than the stream (a Hugging Face decoder layer: an attention mask, position ids, rotary
+# embeddings): traced for one recorded call, the call's tensors read by the pieces as attributes set per call
+
+_SIDE = "_resinspect_side_{}"
+# set on a module whose own forward is known to add nothing to a stream (a Hugging Face model's top levels,
+# which torch.fx cannot trace): residual_blocks neither traces it nor lists it as untraced
+_EXAMINED = "_resinspect_examined"
+
+
+class _NotCalledYet:
+    """What a piece's side input holds before the first call (not None: torch.fx takes None for missing)."""
+
+    def __repr__(self) -> str:
+        return "<side input of a call not made yet>"
+
+
+_NOT_CALLED_YET = _NotCalledYet()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """Where a tensor of a call sits in its arguments."""
+
+    index: int
+
+
+def _split_call(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value`` with each tensor (also inside tuples, lists and dicts) replaced by a :class:`_Slot`; the
+    tensors are appended to ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _Slot(len(tensors) - 1)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_split_call(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _split_call(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _fill(template: Any, values: Sequence[Any]) -> Any:
+    if isinstance(template, _Slot):
+        return values[template.index]
+    if isinstance(template, (tuple, list)):
+        return type(template)(_fill(v, values) for v in template)
+    if isinstance(template, dict):
+        return {k: _fill(v, values) for k, v in template.items()}
+    return template
+
+
+def _same_call(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list, dict)) or isinstance(b, (tuple, list, dict)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return False
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(_same_call(a[k], b[k]) for k in a)
+        return all(_same_call(x, y) for x, y in zip(a, b))
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a plain equality is not the same argument
+        return False
+
+
+@dataclasses.dataclass
+class _CallSpec:
+    """The arguments after the stream of the call a module was traced for: ``template`` holds the constants
+    (``None``, ``False``, ...) and a :class:`_Slot` for each of the ``count`` tensors."""
+
+    template: Any
+    count: int
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict[str, Any]) -> _CallSpec:
+        tensors: list[torch.Tensor] = []
+        template = _split_call((tuple(args), dict(kwargs)), tensors)
+        return cls(template, len(tensors))
+
+    def tensors(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The tensors of a later call, in slot order; raises when its other arguments differ from the traced
+        call's (the pieces hold those as constants)."""
+        tensors: list[torch.Tensor] = []
+        template = _split_call((tuple(args), dict(kwargs)), tensors)
+        if not _same_call(template, self.template):
+            raise RuntimeError(
+                f"{type(module).__name__} was cut into residual sites for calls like {self.describe()}; it was "
+                f"called with {_CallSpec(template, len(tensors)).describe()}, which its sites cannot follow"
+            )
+        return tensors
+
+    def describe(self) -> str:
+        args, kwargs = self.template
+        words = [("tensor" if isinstance(a, _Slot) else repr(a)) for a in args]
+        words += [f"{k}={'tensor' if isinstance(v, _Slot) else repr(v)}" for k, v in kwargs.items()]
+        return "(stream" + "".join(", " + w for w in words) + ")"
+
+
+def _trace_call(module: nn.Module, call: _CallSpec) -> fx.Graph:
+    """``module``'s forward traced for calls like ``call`` (its decorators unwrapped): the stream is the one
+    input, each other tensor a ``get_attr`` of ``_resinspect_side_<i>``, the other arguments constants."""
+    forward = inspect.unwrap(type(module).forward)
+    tracer = _ChildrenAsLeaves()
+    for i in range(call.count):
+        module.__dict__.setdefault(_SIDE.format(i), _NOT_CALLED_YET)
+
+    def traced(self: nn.Module, x: torch.Tensor) -> Any:
+        side = [tracer.create_proxy("get_attr", _SIDE.format(i), (), {}) for i in range(call.count)]
+        args, kwargs = _fill(call.template, side)
+        return forward(self, x, *args, **kwargs)
+
+    cls = type(module)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": traced})
+    try:
+        graph = tracer.trace(module)
+    except Exception as e:  # noqa: BLE001 - as in _trace
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise _Untraceable(f"{type(e).__name__}: {first}" if first else type(e).__name__) from e
+    finally:
+        module.__class__ = cls
+    return graph
+
+
+def _chained_call(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The forward of a module cut into residual sites for calls with side inputs: each piece gets this call's
+    tensors, then the pieces run one after the other."""
+    tensors = self.__dict__["_resinspect_call"].tensors(self, args, kwargs)
+    for piece in self.__dict__["_resinspect_pieces"]:
+        for i, t in enumerate(tensors):
+            piece.__dict__[_SIDE.format(i)] = t
+        piece.training = self.training
+        x = piece(x)
+    return x
+
+
+def is_chained(module: nn.Module) -> bool:
+    """Whether ``module``'s own ``forward`` is the chain of its residual sites (installed by the anatomy, not a
+    patch left by an analysis)."""
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) in (_chained_forward, _chained_call)
+
+
+def install_sites_for_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> int | str:
+    """Cut ``module`` into its residual sites for calls like ``module(stream, *args, **kwargs)`` — a layer
+    called with side inputs (masks, position ids, rotary embeddings), as Hugging Face's decoder layers are.
+    The forward is traced once with those arguments (tensors as inputs read per call, the rest as
+    constants); afterwards :func:`residual_blocks` lists its sites like any other, and a call with other
+    constants (``use_cache=True``) raises. Returns the number of sites, or a reason why none were installed."""
+    if module.__dict__.get("_resinspect_pieces") is not None:
+        return sum(1 for label in module.__dict__["_resinspect_site_names"] if label is not None)
+    call = _CallSpec.of(args, kwargs)
+    try:
+        graph = _trace_call(module, call)
+    except _Untraceable as e:
+        return f"torch.fx could not trace {type(module).__name__}: {e}"
+    if _install_sites(module, graph, call) is None:
+        return f"{type(module).__name__}'s forward adds no branch to its first argument that could be cut out"
+    return sum(1 for label in module.__dict__["_resinspect_site_names"] if label is not None)
+
+
+def _mode_independent(module: nn.Module, graph: fx.Graph, trace: Callable[[nn.Module], fx.Graph] | None = None) -> bool:
     """Whether the module's traced forward is the same in training and evaluation mode (the chain of pieces
     replaces its forward in both)."""
     was = module.training
     try:
         module.training = not was
-        other = _trace(module)
+        other = (trace or _trace)(module)
     except _Untraceable:
         return False
     finally:
@@ -382,14 +542,17 @@ def _mode_independent(module: nn.Module, graph: fx.Graph) -> bool:
     return graph.python_code("self").src == other.python_code("self").src
 
 
-def _install_sites(module: nn.Module, graph: fx.Graph) -> list[fx.GraphModule] | None:
+def _install_sites(module: nn.Module, graph: fx.Graph, call: _CallSpec | None = None) -> list[fx.GraphModule] | None:
     """Cut ``module`` into its residual sites (see :func:`_pieces`) and make its forward call them in turn;
-    returns the pieces (already installed: the same ones again), or None when it is not cut."""
+    returns the pieces (already installed: the same ones again), or None when it is not cut. With ``call``
+    (the side inputs of :func:`install_sites_for_call`) one site is enough, and the forward takes the call's
+    other arguments and hands their tensors to the pieces."""
     installed = module.__dict__.get("_resinspect_pieces")
     if installed is not None:
         return installed
-    pieces = _pieces(module, graph)
-    if pieces is None or not _mode_independent(module, graph):
+    pieces = _pieces(module, graph, min_sites=1 if call is not None else 2)
+    retrace = None if call is None else (lambda m: _trace_call(m, call))
+    if pieces is None or not _mode_independent(module, graph, retrace):
         return None
     modules: list[fx.GraphModule] = []
     labels: list[str | None] = []
@@ -408,8 +571,12 @@ def _install_sites(module: nn.Module, graph: fx.Graph) -> list[fx.GraphModule] |
         labels.append(label)
     module.__dict__["_resinspect_pieces"] = modules
     module.__dict__["_resinspect_site_names"] = labels  # the sites' names, kept when a twin drops their skips
-    module.__dict__["_resinspect_defaults"] = _forward_defaults(module)
-    module.forward = types.MethodType(_chained_forward, module)
+    if call is None:
+        module.__dict__["_resinspect_defaults"] = _forward_defaults(module)
+        module.forward = types.MethodType(_chained_forward, module)
+    else:
+        module.__dict__["_resinspect_call"] = call
+        module.forward = types.MethodType(_chained_call, module)
     return modules
 
 
@@ -451,12 +618,15 @@ def _branch_kind(module: nn.Module, names: list[str]) -> str:
     """``attention``, ``mlp``, ``conv``, or the name of the branch's first module."""
     subs = [(n, module.get_submodule(n)) for n in names]
     every = [(f"{n}.{k}" if k else n, m) for n, top in subs for k, m in top.named_modules()]
+    # a norm is named after what follows it (Llama's post_attention_layernorm feeds the MLP): not a clue
+    every = [(n, m) for n, m in every if "norm" not in type(m).__name__.lower()]
 
     def has(*words: str) -> bool:
         return any(any(w in (name.lower() + " " + type(m).__name__.lower()) for w in words) for name, m in every)
 
     if any(isinstance(m, nn.MultiheadAttention) for _, m in every) or has("attention", "attn"):
-        return "attention"
+        # GPT-NeoX's parallel layer adds attention and MLP to the stream in one addition
+        return "attention+mlp" if has("mlp", "feedforward", "feed_forward", "ffn") else "attention"
     if has("mlp", "feedforward", "feed_forward", "ffn"):
         return "mlp"
     if any(isinstance(m, nn.modules.conv._ConvNd) for _, m in every):
@@ -583,14 +753,16 @@ def residual_blocks(model: nn.Module) -> Blocks:
             continue
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if not list(module.children()) or type(module) in _CONTAINERS:
+        if not list(module.children()) or type(module) in _CONTAINERS or module.__dict__.get(_EXAMINED):
             continue  # a container's own forward only chains its children: nothing to trace
-        try:
-            graph = _trace(module)
-        except _Untraceable as e:
-            untraced.append((name, type(module).__name__, str(e)))
-            continue
-        sites = _install_sites(module, graph)
+        sites = module.__dict__.get("_resinspect_pieces")
+        if sites is None:
+            try:
+                graph = _trace(module)
+            except _Untraceable as e:
+                untraced.append((name, type(module).__name__, str(e)))
+                continue
+            sites = _install_sites(module, graph)
         if sites is not None:
             labels = module.__dict__["_resinspect_site_names"]
             for piece, label in zip(sites, labels):

@@ -449,6 +449,10 @@ def models_cmd() -> None:
         click.echo(f"{spec.name:<24} {spec.description}{source}")
     click.echo(f"{'timm:<name>':<24} {_timm_line()}")
     click.echo(
+        f"{'hf:<folder or hub id>':<24} a Hugging Face causal language model, from a save_pretrained folder or the "
+        "local cache (offline; needs the optional transformers package: pip install resinspect[hf])"
+    )
+    click.echo(
         f"{'package.module:function':<24} your own factory; called with in_channels, num_classes, image_size "
         "if it accepts them"
     )

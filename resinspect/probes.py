@@ -300,7 +300,7 @@ def gradient_split(
 def hooks_left(model: nn.Module) -> list[str]:
     """Modules of ``model`` that still carry a forward/backward hook or a patched ``forward``
     (``"name: kind"`` strings; empty after any well-behaved analysis)."""
-    from .anatomy import _chained_forward, site_modules
+    from .anatomy import is_chained, site_modules
 
     found = []
     pieces = [(f"{type(p).__name__} (a residual site)", p) for p in site_modules(model)]
@@ -308,8 +308,7 @@ def hooks_left(model: nn.Module) -> list[str]:
         for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             if getattr(m, kind, None):
                 found.append(f"{name or '<root>'}: {kind.strip('_')}")
-        forward = m.__dict__.get("forward")
-        if forward is not None and getattr(forward, "__func__", None) is not _chained_forward:
+        if m.__dict__.get("forward") is not None and not is_chained(m):
             found.append(f"{name or '<root>'}: patched forward")
     return found
 

@@ -39,9 +39,18 @@ class _UpTo(fx.Tracer):
         return not (name == "" or self.layer.startswith(name + ".")) or name == self.layer
 
 
-def find_head(model: nn.Module, layer: str) -> fx.GraphModule:
+def find_head(model: nn.Module, layer: str) -> nn.Module:
     """The head of ``model`` after its module ``layer`` (see the module docstring); raises :class:`NoHead`
-    naming the reason when tracing fails, ``layer`` is not called, or the head reads more than the stream."""
+    naming the reason when tracing fails, ``layer`` is not called, or the head reads more than the stream.
+
+    A model whose forward cannot be traced may name its head itself: a ``resinspect_head()`` method returning
+    the module that maps the last stream to the logits (resinspect's Hugging Face wrapper does)."""
+    hook = getattr(model, "resinspect_head", None)
+    if callable(hook):
+        head = hook()
+        if not isinstance(head, nn.Module):
+            raise NoHead(f"{type(model).__name__}.resinspect_head() returned {type(head).__name__}, not a module")
+        return head
     try:
         model.get_submodule(layer)
     except AttributeError as e:

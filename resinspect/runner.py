@@ -150,7 +150,7 @@ def _resolve_settings(
         "run()",
     )
     if s.epochs is None:  # a loaded model is analysed as it is unless epochs are asked for
-        s.epochs = 0 if s.checkpoint or s.weights else DEFAULT_EPOCHS
+        s.epochs = 0 if s.checkpoint or s.weights or _is_hf(s.model) else DEFAULT_EPOCHS
     if s.weights and s.checkpoint:
         raise ResinspectError("--weights and --checkpoint both load a model's weights: give one of them")
     s.train_config().validate()
@@ -168,6 +168,11 @@ def _plugin_tables(
     return tables, list(options or [])
 
 
+def _is_hf(model: str | None) -> bool:
+    """Whether the run's model is a Hugging Face model (``hf:<folder or hub id>``): loaded trained."""
+    return isinstance(model, str) and model.startswith("hf:")
+
+
 # -- stage 2: build -----------------------------------------------------------------------------------
 def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Networks:
     if isinstance(data, DataBundle):
@@ -175,7 +180,10 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
     elif data is not None and not isinstance(data, str):
         bundle = _bundle_from_loaders(list(data), model if isinstance(model, nn.Module) else None)
     else:
-        bundle = load_data(s.data, root=s.data_root, download=s.download, **s.data_args)
+        data_args = dict(s.data_args)
+        if _is_hf(s.model) and s.data == "text":  # a Hugging Face model reads text through its own tokenizer
+            data_args.setdefault("tokenizer", s.model.partition(":")[2])
+        bundle = load_data(s.data, root=s.data_root, download=s.download, **data_args)
     s.data = bundle.name
     if bundle.info.get("evaluation_only") and s.epochs > 0:
         raise ResinspectError(
@@ -626,7 +634,9 @@ def _context(
         plugin_options=active,
         show_progress=progress,
         dist=dist,
-        trained=True if s.epochs > 0 or s.checkpoint or s.weights else (None if nets.in_memory else False),
+        trained=True
+        if s.epochs > 0 or s.checkpoint or s.weights or _is_hf(s.model)
+        else (None if nets.in_memory else False),
         samples=s.samples,
         compute=s.compute,
     )

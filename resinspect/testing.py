@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .anatomy import _chained_forward, residual_blocks, site_modules
+from .anatomy import is_chained, residual_blocks, site_modules
 from .context import RunContext
 from .data import DataBundle, load_data, make_loaders
 from .models import build_model
@@ -204,11 +204,7 @@ def hook_count(model: nn.Module) -> int:
 
 def overridden_forwards(model: nn.Module) -> list[str]:
     """Modules whose ``forward`` is patched on the instance (should be empty after any analysis)."""
-    patched = [
-        name
-        for name, m in model.named_modules()
-        if "forward" in m.__dict__ and getattr(m.__dict__["forward"], "__func__", None) is not _chained_forward
-    ]
+    patched = [name for name, m in model.named_modules() if "forward" in m.__dict__ and not is_chained(m)]
     return patched + [
         f"{type(p).__name__} (a residual site's piece)" for p in site_modules(model) if "forward" in p.__dict__
     ]

@@ -7,7 +7,9 @@
   let a network copy from a fixed offset, which is not induction); ``period=P`` fixes it.
 - ``text``: a local UTF-8 file, or a folder of ``.txt`` files, given with ``--data-root``; byte-level tokens
   (vocabulary 256), cut into sequences of ``length + 1`` bytes; the first ``1 - test_fraction`` of the bytes
-  train, the rest test (a fixed split by position, no shuffling across it).
+  train, the rest test (a fixed split by position, no shuffling across it). With ``tokenizer=<folder or hub
+  id>`` (given automatically for an ``hf:`` model: its own) the text is cut into that tokenizer's tokens
+  instead, read offline.
 
 Each item is ``(tokens, next_tokens)``: ``tokens = s[:-1]``, ``next_tokens = s[1:]`` of a sequence ``s`` of
 ``length + 1`` tokens.
@@ -119,16 +121,28 @@ def load_text(
     download: bool = False,
     limit_train: int = 0,
     limit_test: int = 0,
+    tokenizer: str = "",
 ) -> DataBundle:
     """Byte-level sequences of a local UTF-8 file or folder of ``.txt`` files (see the module docstring);
-    ``limit_train`` / ``limit_test`` keep the first sequences of each split (0: all). Nothing is downloaded:
-    ``download`` is refused."""
+    ``limit_train`` / ``limit_test`` keep the first sequences of each split (0: all). ``tokenizer`` names a
+    Hugging Face tokenizer (a folder, or a hub id in the local cache) to use instead of bytes; an ``hf:`` model
+    passes its own. Nothing is downloaded: ``download`` is refused."""
     if download:
         raise DataError("text: nothing to download; give a local UTF-8 file or folder with --data-root")
     if not 0 < test_fraction < 1:
         raise DataError(f"text: test_fraction must lie in (0, 1), got {test_fraction}")
     raw, files = _read_text(root)
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    unit = "bytes" if not tokenizer else "tokens"
+    if tokenizer:
+        from ..models.hf import hf_tokenizer
+
+        tok = hf_tokenizer(tokenizer)
+        vocab = len(tok)
+        tokens = torch.tensor(tok(raw.decode("utf-8"), add_special_tokens=False)["input_ids"], dtype=torch.long)
+        names = [str(t) for t in tok.convert_ids_to_tokens(list(range(vocab)))]
+    else:
+        vocab, names = 256, byte_names()
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
     cut = int(len(tokens) * (1 - test_fraction))
     step = length + 1
     parts = []
@@ -136,7 +150,7 @@ def load_text(
         n = len(piece) // step
         if n < 1:
             raise DataError(
-                f"text: {root} has {len(tokens)} bytes, too few for one {name} sequence of {step} bytes "
+                f"text: {root} has {len(tokens)} {unit}, too few for one {name} sequence of {step} {unit} "
                 f"(test_fraction {test_fraction}); give more text or a smaller length"
             )
         limit = limit_train if name == "train" else limit_test
@@ -147,8 +161,14 @@ def load_text(
         test=_split(parts[1]),
         in_channels=1,
         image_size=length,
-        num_classes=256,
-        class_names=byte_names(),
+        num_classes=vocab,
+        class_names=names,
         task="next-token",
-        info={"vocab": 256, "length": length, "bytes": len(tokens), "files": len(files), "tokenizer": "bytes"},
+        info={
+            "vocab": vocab,
+            "length": length,
+            unit: len(tokens),
+            "files": len(files),
+            "tokenizer": tokenizer or "bytes",
+        },
     )

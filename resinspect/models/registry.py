@@ -5,7 +5,8 @@ Names: the CIFAR ResNets ``resnet20 … resnet110`` and their plain twins
 [3,4,6,3] network); ``torchvision:<builder>`` for every classification model of
 torchvision (ResNet, ResNeXt, Wide ResNet, RegNet, MobileNet, EfficientNet,
 ConvNeXt, ViT, Swin, MaxViT …); ``timm:<name>`` for any of timm's models (timm is an optional extra,
-imported only then); and any user factory written ``package.module:function``.
+imported only then); ``hf:<folder or hub id>`` for a Hugging Face causal language model (transformers is an
+optional extra too; see :mod:`resinspect.models.hf`); and any user factory written ``package.module:function``.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def _is_factory_path(name: str) -> bool:
     module, _, func = name.partition(":")
     return (
         bool(module and func)
-        and module not in ("torchvision", "timm")
+        and module not in ("torchvision", "timm", "hf")
         and all(part.isidentifier() for part in module.split(".") + [func])
     )
 
@@ -290,6 +291,10 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
         return MODELS[name].factory
     if name.startswith("timm:") and name.partition(":")[2]:
         return _timm(name.partition(":")[2])
+    if name.startswith("hf:") and name.partition(":")[2]:
+        from .hf import hf_factory
+
+        return hf_factory(name.partition(":")[2])
     if not _is_factory_path(name):
         raise UnknownNameError("model", name, model_names())
     return _user_factory(name)
