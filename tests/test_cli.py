@@ -50,7 +50,8 @@ def test_bad_option_value(cli, tmp_path):
 
 def test_models_and_datasets_list_the_valid_names(cli):
     models = cli.invoke(main, ["models"]).output
-    for name in ("resnet20", "plain110", "seed34", "torchvision:resnet50", "package.module:function"):
+    for name in ("resnet20", "plain110", "seed34", "torchvision:resnet50", "hf:<folder or hub id>",
+                 "package.module:function"):
         assert name in models
     datasets = cli.invoke(main, ["datasets"]).output
     for name in ("digits", "shapes", "mnist", "fashionmnist", "cifar10", "imagefolder"):

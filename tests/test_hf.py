@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import resinspect  # noqa: E402
 from resinspect import ResinspectError  # noqa: E402
 from resinspect.anatomy import bypass, residual_blocks  # noqa: E402
+from resinspect.data.tokens import load_text  # noqa: E402
 from resinspect.models import build_model  # noqa: E402
 from resinspect.models.hf import HF_HINT, load_hf  # noqa: E402
 from resinspect.models.registry import remove_skips  # noqa: E402
@@ -184,6 +185,8 @@ def test_errors_name_what_is_missing(saved, tmp_path, monkeypatch):
     (tmp_path / "bare").mkdir()
     with pytest.raises(ResinspectError, match="no config.json"):
         build_model(f"hf:{tmp_path / 'bare'}")
+    with pytest.raises(ResinspectError, match="holds no tokenizer"):
+        load_text(str(saved["text"]), tokenizer=str(tmp_path / "bare"))
     with pytest.raises(ResinspectError, match="local Hugging Face cache") as e:
         build_model("hf:someone/not-cached-model")
     assert "\n" not in str(e.value)
@@ -232,3 +235,16 @@ def test_heads_reads_and_silences_the_attention_of_a_hugging_face_model(saved):
         assert not torch.allclose(out, heads_in @ attn.c_proj.weight + attn.c_proj.bias, atol=1e-4)
     # the masked forward was put back afterwards
     assert "forward" not in attn.c_proj.__dict__
+
+
+def test_transformers_is_imported_only_for_an_hf_model():
+    import subprocess
+
+    code = (
+        "import sys, resinspect, resinspect.cli, resinspect.runner\n"
+        "from resinspect.models import build_model\n"
+        "build_model('gpt-tiny-2', 1, 64, 16)\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..anatomy import install_sites_for_call
+from ..anatomy import _EXAMINED, install_sites_for_call
 from ..errors import ResinspectError
 
 __all__ = ["HF_HINT", "HFCausalLM", "require_transformers", "load_hf", "hf_factory", "hf_tokenizer"]
@@ -32,6 +32,8 @@ __all__ = ["HF_HINT", "HFCausalLM", "require_transformers", "load_hf", "hf_facto
 HF_HINT = "hf: models need the optional transformers package: pip install resinspect[hf]"
 # where the final norm sits on the base model, by family (GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT, Falcon …)
 _NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "final_norm", "norm_f")
+# the files a saved tokenizer is made of (one of them at least)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 # how many token positions each model may read, by config field
 _CONTEXT_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
 
@@ -161,7 +163,7 @@ class HFCausalLM(nn.Module):
         # the levels above the layers hold no residual addition of their own (torch.fx cannot trace them)
         for name, module in self.named_modules():
             if f"hf.{self.layers_name}".startswith(name + ".") or name == "":
-                module.__dict__["_resinspect_examined"] = True
+                module.__dict__[_EXAMINED] = True
         self._check_head(outs[0] if outs and isinstance(outs[0], torch.Tensor) else None, logits)
         self._mark_heads(attention, ids.shape[1])
         self.train(was)
@@ -225,7 +227,7 @@ def hf_factory(spec: str) -> Callable[..., nn.Module]:
         if num_classes > model.vocab:
             raise ResinspectError(
                 f"hf:{spec} has a vocabulary of {model.vocab} tokens; the data's has {num_classes} "
-                "(for text, the model's own tokenizer is used unless -d tokenizer=... names another)"
+                "(for text, the model's own tokenizer is used unless --data-arg tokenizer=... names another)"
             )
         if image_size and model.context and image_size > model.context:
             raise ResinspectError(
@@ -240,7 +242,16 @@ def hf_factory(spec: str) -> Callable[..., nn.Module]:
 def hf_tokenizer(spec: str) -> Any:
     """The tokenizer saved with ``spec`` (folder or cached hub id), offline; one line when there is none."""
     transformers = require_transformers()
+    source = Path(_source(spec))
+    if source.is_dir() and not any((source / f).is_file() for f in _TOKENIZER_FILES):
+        raise ResinspectError(
+            f"tokenizer {spec}: folder {source} holds no tokenizer ({', '.join(_TOKENIZER_FILES[:3])} …); "
+            "save one there or name another with --data-arg tokenizer=<folder or hub id>"
+        )
     try:
-        return transformers.AutoTokenizer.from_pretrained(_source(spec), local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ResinspectError(f"tokenizer {spec}: could not load a Hugging Face tokenizer: {_first_line(e)}") from None
+    if len(tok) < 2:
+        raise ResinspectError(f"tokenizer {spec}: its vocabulary is empty")
+    return tok
