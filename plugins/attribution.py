@@ -143,7 +143,10 @@ query an induction head matches against its earlier occurrence)."""
 def _tokens(ctx, model, opts: dict[str, Any], s: Section) -> Section:
     """Token attribution of a language model's last-position prediction (see :data:`TOKEN_EXPLANATION`)."""
     s.explanation = TOKEN_EXPLANATION
-    n = ctx.test_images(opts["images"])
+    n, plan = token_plan(ctx, opts)
+    said = plan.finding(ctx.multiply_adds(), 1)
+    if said:
+        s.finding(said, "info")
     batches = list(ctx.test_batches(n))
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     target = y[:, -1]
@@ -324,13 +327,24 @@ def resinspect_estimate(ctx) -> float:
     """The study's multiply-adds, as :func:`plan_of` fits it (for a language model: integrated gradients'
     steps, three passes' worth each, one forward per position ablated, and the deletion checks)."""
     if ctx.task.is_language:
-        opts = ctx.options(NAME)
-        return (
-            float(ctx.multiply_adds())
-            * ctx.test_images(opts["images"])
-            * (3 * opts["ig_steps"] + ctx.data.image_size + 2 * 3 * 3)
-        )
+        return token_plan(ctx, ctx.options(NAME))[1].spent
     return plan_of(ctx, ctx.options(NAME))[1].spent
+
+
+def token_plan(ctx, opts: dict[str, Any]) -> tuple[int, Any]:
+    """How many test sequences the token study attributes, fitted to ``--compute`` (at least 1), and the plan:
+    each sequence costs integrated gradients' steps (three passes' worth each), one forward per position
+    ablated, and the deletion checks (three methods' maps, two k, and the intact pass)."""
+    want = ctx.test_images(opts["images"])
+    plan = ctx.compute_plan(1)
+    each = 3 * opts["ig_steps"] + ctx.data.image_size + 2 * 3 + 1
+    got = plan.most(each, want)
+    if got < 1:
+        plan.spend(each)
+        got = 1
+    if got < want:
+        plan.cut(f"{got} sequence(s) attributed instead of {want}")
+    return got, plan
 
 
 def _analyze(ctx, model: nn.Module, opts: dict[str, Any], s: Section) -> Section:

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from resinspect import Section, hookimpl, is_conv, is_linear, pyplot, svd_multiply_adds
+from resinspect import Section, hookimpl, is_conv, is_linear, linear_weight, pyplot, svd_multiply_adds
 from resinspect_plugins._spectra import LayerSpectrum, spectrum
 
 NAME = "spectra"
@@ -84,7 +84,7 @@ def analyse(
     and why."""
     out, skipped = [], []
     for name, module in layers_of(net):
-        weight = module.weight if state is None else state[f"{name}.weight"]
+        weight = linear_weight(module, None if state is None else state[f"{name}.weight"])
         sp, why = spectrum(name, weight, min_evals, max_evals, getattr(torch, precision))
         if sp is None:
             skipped.append((name, why))
@@ -100,7 +100,7 @@ def resinspect_estimate(ctx) -> float:
     total = 0.0
     for role, net in ctx.networks():
         states = 2 if opts["at_init"] and ctx.initial_state.get(role) is not None else 1
-        weights: list[torch.Tensor] = [m.weight for _, m in layers_of(net)]  # type: ignore[misc]
+        weights = [linear_weight(m) for _, m in layers_of(net)]
         shapes = [tuple(int(d) for d in w.shape) for w in weights]
         total += states * sum(svd_multiply_adds(shape) for shape in shapes)
     return total

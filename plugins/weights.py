@@ -66,6 +66,7 @@ def layer_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     out = []
     for mod_name, m in model.named_modules():
         if (is_conv(m) or is_linear(m)) and m.weight is not None:
+            # as stored (a transformers Conv1D's is (in, out)): every statistic here is the same either way
             out.append((f"{mod_name}.weight" if mod_name else "weight", m.weight.detach()))
     return out
 

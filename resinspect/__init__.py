@@ -49,6 +49,7 @@ from .probes import (
     is_batchnorm,
     is_conv,
     is_linear,
+    linear_weight,
     on_forward,
 )
 from .readout import NoHead  # noqa: E402
@@ -106,6 +107,7 @@ __all__ = [
     "is_batchnorm",
     "is_conv",
     "is_linear",
+    "linear_weight",
     "hooks_left",
     "assert_clean",
     "build_model",

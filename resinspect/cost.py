@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .probes import is_linear, linear_weight
+
 __all__ = ["multiply_adds", "ComputePlan"]
 
 
@@ -24,15 +26,15 @@ __all__ = ["multiply_adds", "ComputePlan"]
 def multiply_adds(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-adds per image of ``model`` on inputs shaped like ``example`` (a batch; counted on its first
     image): each convolution ``out.numel() · in_channels/groups · kernel size``, each linear layer
-    ``out.numel() · in_features``, each ``nn.MultiheadAttention`` ``4 · L · E²`` for its four projections plus
-    ``2 · L² · E`` for its scores and mixing."""
+    ``out.numel() · in_features`` (transformers' ``Conv1D`` too), each ``nn.MultiheadAttention``
+    ``4 · L · E²`` for its four projections plus ``2 · L² · E`` for its scores and mixing."""
     total = [0]
 
     def conv(m: Any, inputs: tuple, out: torch.Tensor) -> None:  # an nn.Conv1d/2d/3d
         total[0] += out[:1].numel() * (int(m.in_channels) // int(m.groups)) * math.prod(m.kernel_size)
 
-    def linear(m: Any, inputs: tuple, out: torch.Tensor) -> None:
-        total[0] += out[:1].numel() * int(m.in_features)
+    def linear(m: Any, inputs: tuple, out: torch.Tensor) -> None:  # nn.Linear, or transformers' Conv1D
+        total[0] += out[:1].numel() * int(linear_weight(m).shape[1])
 
     def attention(m: Any, inputs: tuple, out: tuple) -> None:
         q = inputs[0]
@@ -44,7 +46,7 @@ def multiply_adds(model: nn.Module, example: torch.Tensor) -> int:
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):
             handles.append(m.register_forward_hook(conv))
-        elif isinstance(m, nn.Linear):
+        elif is_linear(m):
             handles.append(m.register_forward_hook(linear))
         elif isinstance(m, nn.MultiheadAttention):
             handles.append(m.register_forward_hook(attention))

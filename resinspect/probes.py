@@ -40,6 +40,7 @@ __all__ = [
     "is_batchnorm",
     "is_conv",
     "is_linear",
+    "linear_weight",
     "hooks_left",
     "assert_clean",
     "bypass",
@@ -64,8 +65,29 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, _CONVS)
 
 
-def is_linear(module: nn.Module) -> TypeGuard[nn.Linear]:
-    return isinstance(module, nn.Linear)
+def is_linear(module: nn.Module) -> bool:
+    """A fully connected layer: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's attention and MLP
+    matrices: ``x @ weight + bias`` with ``weight`` stored ``(in, out)``, see :func:`linear_weight`)."""
+    return isinstance(module, nn.Linear) or _is_transposed_linear(module)
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == module.nf
+    )
+
+
+def linear_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of a layer :func:`is_linear` or :func:`is_conv` accepts (or ``weight``, a saved value of it),
+    laid out ``(out, in, ...)`` as PyTorch's own layers store it: a transformers ``Conv1D``'s transposed."""
+    w = module.weight if weight is None else weight
+    assert isinstance(w, torch.Tensor)
+    return w.t() if _is_transposed_linear(module) else w
 
 
 @contextmanager

@@ -248,3 +248,53 @@ def test_transformers_is_imported_only_for_an_hf_model():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_fine_tuned_model_reloads_from_its_checkpoint(saved, tmp_path):
+    from resinspect.models import load_checkpoint
+
+    result = resinspect.run(
+        model=f"hf:{saved['gpt2']}",
+        data="text",
+        data_root=str(saved["text"]),
+        data_args={"length": 16},
+        plugins=["summary"],
+        epochs=1,
+        out=str(tmp_path / "run"),
+    )
+    loaded, payload = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert payload["arch"] == f"hf:{saved['gpt2']}"
+    ids = torch.randint(0, loaded.vocab, (2, 16))
+    with torch.no_grad():
+        tuned = result.model.eval()(ids)
+        assert torch.equal(loaded.eval()(ids), tuned)
+        assert not torch.allclose(load_hf(str(saved["gpt2"])).eval()(ids), tuned)  # one epoch changed it
+
+
+def test_gpt2_conv1d_matrices_count_as_linear_layers_for_weights_and_spectra(saved):
+    from resinspect_plugins._spectra import spectrum
+    from resinspect_plugins.spectra import layers_of
+    from resinspect_plugins.weights import layer_weights
+
+    from resinspect import is_linear, linear_weight
+
+    model = load_hf(str(saved["gpt2"]))
+    names = [n for n, _ in layers_of(model)]
+    for i in range(2):  # every attention and MLP matrix of each layer, then the unembedding
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            assert f"hf.transformer.h.{i}.{part}" in names
+    assert names[-1] == "hf.lm_head"
+    assert len(layer_weights(model)) == len(names)
+    c_fc = model.hf.transformer.h[0].mlp.c_fc  # transformers' Conv1D: x @ W + b, W stored (in=32, out=128)
+    linear = torch.nn.Linear(32, 128)
+    with torch.no_grad():
+        linear.weight.copy_(c_fc.weight.t())
+        linear.bias.copy_(c_fc.bias)
+        x = torch.randn(5, 32)
+        assert torch.allclose(linear(x), c_fc(x), atol=1e-6)
+    assert is_linear(c_fc) and torch.equal(linear_weight(c_fc), linear.weight)
+    ours, _ = spectrum("c_fc", linear_weight(c_fc).detach())
+    reference, _ = spectrum("linear", linear.weight.detach())
+    assert ours is not None and reference is not None
+    assert (ours.N, ours.M) == (reference.N, reference.M) == (128, 32)
+    assert torch.allclose(torch.as_tensor(ours.evals), torch.as_tensor(reference.evals))

@@ -250,3 +250,20 @@ def test_token_attribution_in_closed_form():
         assert torch.allclose(a[:, [0, 1, 3, 4, 5]], torch.zeros(5, 5), atol=1e-6), name
     assert torch.allclose(deletion_drop(model, tokens, answer, got["feature_ablation"], 1), torch.full((5,), exact),
                           atol=1e-4)
+
+
+def test_token_attribution_fits_the_compute_budget(tmp_path):
+    """Each attributed sequence costs 3 · ig_steps + T + 7 passes of one sequence: a budget of 2.5 sequences'
+    worth attributes 2 of the 6 asked for, and says so."""
+    from resinspect.cost import multiply_adds
+
+    data = load_induction(vocab=16, length=12, train=32, test=16)
+    model = build_model("gpt-tiny-2", 1, 16, 12)
+    per_sequence = multiply_adds(model, data.test[0][0][None]) * (3 * 4 + 12 + 7)
+    result = resinspect.run(
+        model=model, data=data, epochs=0, plugins=["attribution"], out=tmp_path / "run",
+        options={"attribution": {"images": 6, "ig_steps": 4}}, compute=2.5 * per_sequence,
+    )
+    section = result.section("attribution")
+    assert section.metrics["sequences"] == 2
+    assert any("2 sequence(s) attributed instead of 6" in f.text for f in section.findings)
