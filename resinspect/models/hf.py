@@ -154,8 +154,11 @@ class HFCausalLM(nn.Module):
             for h in hooks:
                 h.remove()
         for i, layer in enumerate(layers):
-            args, kwargs = calls[layer]
-            found = install_sites_for_call(layer, args[1:], kwargs)
+            args, kwargs = calls.get(layer, ((), {}))
+            if not args:  # not called, or handed its stream by keyword: nothing to cut it for
+                found: int | str = "not called with its hidden states as the first positional argument"
+            else:
+                found = install_sites_for_call(layer, args[1:], kwargs)
             if isinstance(found, str):
                 self.unsupported.append(f"layer {i}: {found}")
                 found = 0
