@@ -259,7 +259,7 @@ class RunContext:
         run's ``--compute`` budget: what an analysis uses to cut its faster-than-linear parts to fit."""
         from .cost import ComputePlan
 
-        return ComputePlan(float(self.multiply_adds(role)) * images, float(self.compute))
+        return ComputePlan(float(self.multiply_adds(role)) * images, float(self.compute), unit=self.task.sample)
 
     def _budget(self, which: str, limit: int, available: int) -> int:
         """``limit`` capped by the run's ``samples`` budget; a cap that bites is recorded for the report."""

@@ -74,6 +74,7 @@ class ComputePlan:
     budget: float
     spent: float = 0.0
     cuts: list[str] = field(default_factory=list)
+    unit: str = "image"  # what one input is, for the finding (a language model's: "sequence")
 
     def spend(self, passes: float) -> None:
         self.spent += passes * self.per_pass
@@ -100,10 +101,10 @@ class ComputePlan:
     def finding(self, macs_per_image: int, images: int) -> str | None:
         if not self.cuts:
             return None
-        per_pass = f", {self.per_pass:.3g} per pass over the {images:,} images" if images > 1 else ""
+        per_pass = f", {self.per_pass:.3g} per pass over the {images:,} {self.unit}s" if images > 1 else ""
         return (
             f"Fitted to the compute budget (--compute {self.budget:.3g} multiply-adds; this model does "
-            f"{macs_per_image:.3g} per image{per_pass}): "
+            f"{macs_per_image:.3g} per {self.unit}{per_pass}): "
             + "; ".join(self.cuts)
             + ". Pass --compute 0 (no budget) or a larger one for the full study."
         )

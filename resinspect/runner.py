@@ -836,7 +836,7 @@ def _say_subsampled(ctx: RunContext, name: str, sections: list[Section]) -> None
     if not cut or not sections:
         return
     parts = [
-        f"{given:,} of the {asked:,} {which} images it asked for ({available:,} in the set)"
+        f"{given:,} of the {asked:,} {which} {ctx.task.sample}s it asked for ({available:,} in the set)"
         for which, (given, asked, available) in cut.items()
     ]
     sections[0].finding(f"Subsampled by --samples {ctx.samples}: {'; '.join(parts)}.", "info")

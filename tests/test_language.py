@@ -266,4 +266,5 @@ def test_token_attribution_fits_the_compute_budget(tmp_path):
     )
     section = result.section("attribution")
     assert section.metrics["sequences"] == 2
-    assert any("2 sequence(s) attributed instead of 6" in f.text for f in section.findings)
+    said = [f.text for f in section.findings if f.text.startswith("Fitted to the compute budget")]
+    assert len(said) == 1 and "2 sequence(s) attributed instead of 6" in said[0] and " per sequence" in said[0]
