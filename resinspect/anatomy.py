@@ -348,8 +348,16 @@ def _chained_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     were traced with."""
     if args or kwargs:
         _check_defaults(self, args, kwargs)
-    for piece in self.__dict__["_resinspect_pieces"]:
-        piece.training = self.training  # the pieces are not submodules: model.train()/eval() do not reach them
+    return _run_pieces(self, x)
+
+
+def _run_pieces(module: nn.Module, x: torch.Tensor, side: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """``module``'s pieces one after the other on ``x``, each first given the call's ``side`` tensors (see
+    :func:`install_sites_for_call`)."""
+    for piece in module.__dict__["_resinspect_pieces"]:
+        for i, t in enumerate(side):
+            piece.__dict__[_SIDE.format(i)] = t
+        piece.training = module.training  # the pieces are not submodules: model.train()/eval() do not reach them
         x = piece(x)
     return x
 
@@ -428,7 +436,7 @@ def _same_call(a: Any, b: Any) -> bool:
             return a.keys() == b.keys() and all(_same_call(a[k], b[k]) for k in a)
         return all(_same_call(x, y) for x, y in zip(a, b))
     try:
-        return a is b or bool(a == b)
+        return bool(_same_default(a, b))
     except Exception:  # noqa: BLE001 - an object without a plain equality is not the same argument
         return False
 
@@ -494,13 +502,7 @@ def _trace_call(module: nn.Module, call: _CallSpec) -> fx.Graph:
 def _chained_call(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The forward of a module cut into residual sites for calls with side inputs: each piece gets this call's
     tensors, then the pieces run one after the other."""
-    tensors = self.__dict__["_resinspect_call"].tensors(self, args, kwargs)
-    for piece in self.__dict__["_resinspect_pieces"]:
-        for i, t in enumerate(tensors):
-            piece.__dict__[_SIDE.format(i)] = t
-        piece.training = self.training
-        x = piece(x)
-    return x
+    return _run_pieces(self, x, self.__dict__["_resinspect_call"].tensors(self, args, kwargs))
 
 
 def is_chained(module: nn.Module) -> bool:
@@ -516,15 +518,14 @@ def install_sites_for_call(module: nn.Module, args: tuple, kwargs: dict[str, Any
     The forward is traced once with those arguments (tensors as inputs read per call, the rest as
     constants); afterwards :func:`residual_blocks` lists its sites like any other, and a call with other
     constants (``use_cache=True``) raises. Returns the number of sites, or a reason why none were installed."""
-    if module.__dict__.get("_resinspect_pieces") is not None:
-        return sum(1 for label in module.__dict__["_resinspect_site_names"] if label is not None)
-    call = _CallSpec.of(args, kwargs)
-    try:
-        graph = _trace_call(module, call)
-    except _Untraceable as e:
-        return f"torch.fx could not trace {type(module).__name__}: {e}"
-    if _install_sites(module, graph, call) is None:
-        return f"{type(module).__name__}'s forward adds no branch to its first argument that could be cut out"
+    if module.__dict__.get("_resinspect_pieces") is None:
+        call = _CallSpec.of(args, kwargs)
+        try:
+            graph = _trace_call(module, call)
+        except _Untraceable as e:
+            return f"torch.fx could not trace {type(module).__name__}: {e}"
+        if _install_sites(module, graph, call) is None:
+            return f"{type(module).__name__}'s forward adds no branch to its first argument that could be cut out"
     return sum(1 for label in module.__dict__["_resinspect_site_names"] if label is not None)
 
 

@@ -211,7 +211,10 @@ def _build(s: RunSettings, model: Any, data: Any, twin: Any, dist: Any) -> _Netw
         torch.manual_seed(s.seed)
         net, label = build_model(s.model, **arch), s.model
     s.model = label
-    twin_net, twin_label = _twin_for(s, model, twin, net, label, arch, pre is not None)
+    # a loaded network's twin is a copy of it without skips (an hf: model is not loaded from disk and traced
+    # again; one resumed from --checkpoint takes its trained twin.pt instead)
+    loaded = pre is not None or (_is_hf(s.model) and not s.checkpoint)
+    twin_net, twin_label = _twin_for(s, model, twin, net, label, arch, loaded)
     if isinstance(data, (list, tuple)):
         if dist.enabled:
             raise ResinspectError(
